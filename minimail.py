@@ -338,6 +338,46 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@dataclass
+class StoredMessage:
+    """One message file of one mailbox, as found on disk."""
+    mailbox: str
+    folder: str             # "new" or "cur"
+    name: str               # the file name: ID, optional ,S=/,W= tags, optional :2,FLAGS
+    path: str
+
+    @property
+    def id(self) -> str:
+        return message_id_of(self.name)
+
+    @property
+    def flags(self) -> str:
+        """Maildir info flags (the part after ':2,')."""
+        _, sep, flags = self.name.partition(":2,")
+        return flags if sep else ""
+
+    def wire_size(self) -> int:
+        """Bytes the message takes on the wire with CRLF line ends (POP3 octets, RFC 1939 11).
+
+        On the wire every LF not preceded by CR becomes CRLF, and a last line without a line
+        end gets CRLF. The ,W= tag is trusted only when ,S= equals the real size (SPEC 3);
+        otherwise the file is read once to count its line ends.
+        """
+        real_size = os.stat(self.path).st_size
+        tags = dict(re.findall(r",([SW])=(\d+)", self.name.partition(":")[0]))
+        if tags.get("S") == str(real_size) and "W" in tags:
+            return int(tags["W"])
+        added = 0
+        last = b""
+        with open(self.path, "rb") as file:
+            for block in iter(lambda: file.read(1 << 20), b""):
+                added += block.count(b"\n") - block.count(b"\r\n")
+                if last == b"\r" and block.startswith(b"\n"):
+                    added -= 1
+                last = block[-1:]
+        return real_size + added + (2 if last not in (b"", b"\n") else 0)
+
+
 class Maildir:
     """The tree of mailboxes below one root: <root>/<local@domain>/{tmp,new,cur}."""
 
@@ -346,6 +386,45 @@ class Maildir:
 
     def path(self, mailbox: str) -> str:
         return os.path.join(self.root, mailbox)
+
+    def mailboxes(self) -> list:
+        """Names of the mailboxes that exist (folders named local@domain with a new/)."""
+        try:
+            names = os.listdir(self.root)
+        except FileNotFoundError:
+            return []
+        return sorted(name for name in names
+                      if "@" in name and os.path.isdir(os.path.join(self.root, name, "new")))
+
+    def messages(self, mailbox: str) -> list:
+        """Every message of a mailbox, in new/ and cur/, oldest name first (no file is read)."""
+        found = []
+        for folder in ("new", "cur"):
+            directory = os.path.join(self.root, mailbox, folder)
+            try:
+                names = os.listdir(directory)
+            except FileNotFoundError:
+                continue
+            found.extend(StoredMessage(mailbox, folder, name, os.path.join(directory, name))
+                         for name in names if not name.startswith("."))
+        found.sort(key=lambda message: message.name)
+        return found
+
+    def find(self, mailbox: str, message_id: str) -> Optional[StoredMessage]:
+        """The current file of a message by ID, wherever it moved between new/ and cur/."""
+        for message in self.messages(mailbox):
+            if message.id == message_id:
+                return message
+        return None
+
+    def set_flags(self, message: StoredMessage, flags: str) -> StoredMessage:
+        """Move a message to cur/ with the given Maildir flags (kept in ASCII order)."""
+        base = message.name.partition(":")[0]
+        name = "%s:2,%s" % (base, "".join(sorted(set(flags))))
+        path = os.path.join(self.root, message.mailbox, "cur", name)
+        if path != message.path:
+            os.rename(message.path, path)
+        return StoredMessage(message.mailbox, "cur", name, path)
 
     def ensure(self, mailbox: str) -> str:
         """Create a mailbox's folders (durably) if needed; return its path."""

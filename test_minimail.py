@@ -1181,3 +1181,39 @@ def test_cli_swaks_from_readme(tmp_path):
     finally:
         process.send_signal(signal.SIGTERM)
         process.communicate(timeout=20)
+
+
+# --- Maildir reading -----------------------------------------------------------------
+
+def test_maildir_lists_finds_and_flags(mail):
+    with smtp_client(mail.smtp_port) as client:
+        client.sendmail("a@sender.test", ["u@example.test"], b"Subject: 1\r\n\r\nx\r\n")
+        client.sendmail("a@sender.test", ["u@example.test"], b"Subject: 2\r\n\r\ny\r\n")
+    maildir = mail.maildir
+    assert maildir.mailboxes() == ["u@example.test"]
+    first, second = maildir.messages("u@example.test")
+    assert first.folder == "new" and first.flags == ""
+    moved = maildir.set_flags(first, "SF")
+    assert moved.folder == "cur" and moved.flags == "FS" and moved.name.endswith(":2,FS")
+    assert maildir.find("u@example.test", first.id).path == moved.path
+    assert maildir.find("u@example.test", "no-such-id") is None
+    with open(moved.path, "rb") as file:
+        data = file.read()
+    assert moved.wire_size() == len(data) + data.count(b"\n")
+
+
+@pytest.mark.parametrize("content", [
+    b"a\nb\n", b"a\r\nb\r\n", b"no final newline", b"mixed\r\nlf\nlast", b"", b"\n"])
+def test_maildir_wire_size_of_foreign_files(tmp_path, content):
+    box = tmp_path / "x@example.test"
+    for sub in ("tmp", "new", "cur"):
+        (box / sub).mkdir(parents=True)
+    (box / "new" / "123.foreign").write_bytes(content)
+    (box / "new" / ("124.lying,S=%d,W=99" % (len(content) + 1))).write_bytes(content)
+    maildir = minimail.Maildir(str(tmp_path))
+    lines = content.replace(b"\r\n", b"\n").split(b"\n")
+    if lines[-1] == b"":
+        lines.pop()
+    wire = b"".join(line + b"\r\n" for line in lines)
+    for message in maildir.messages("x@example.test"):
+        assert message.wire_size() == len(wire), message.name
