@@ -20,10 +20,10 @@ import base64
 import binascii
 import dataclasses
 import errno
-import hmac
 import ipaddress
 import logging
 import os
+import queue
 import random
 import re
 import signal
@@ -53,7 +53,9 @@ AUTH_MAX_FAILURES = 3               # SPEC 4: the third failure closes the sessi
 MAILDIR_NAME_MAX = 255              # bytes in one folder name (NAME_MAX)
 HEADER_SCAN_LIMIT = 256 * 1024      # header bytes inspected for Received: counting
 RECV_SIZE = 64 * 1024               # one socket read (below glibc's mmap threshold)
-WRITE_BUFFER = 256 * 1024           # buffered writes of message files
+# Linux copies SO_RCVTIMEO/SO_SNDTIMEO from a listening socket to the sockets it accepts.
+SOCKET_TIMEOUTS_INHERITED = sys.platform.startswith("linux")
+IDLE_THREAD_S = 10.0                # a connection thread waits this long for the next one
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")   # SPEC 1
 
 VERB_RE = re.compile(rb"[A-Za-z]{1,12}")
@@ -468,17 +470,17 @@ class MessageWriter:
         self.head = bytearray()     # start of the message, for counting Received:
         self.head_done = False
         self.fd = -1                # the first copy's file
-        self.unwritten = []         # stored bytes not yet written to fd
-        self.unwritten_bytes = 0
+        self.header_pending = b""
         self.max_size = 0
         self.oversized = False
 
     def open(self, max_size: int) -> None:
         self.max_size = max_size
-        self.fd = self._create(self.copies[0])
+        self.fd = self._create(self.copies[0], with_header=False)
+        self.header_pending = self.copies[0].header     # goes out with the first data
 
-    def _create(self, copy: _Copy) -> int:
-        """Create the copy's file in tmp/ with its header written; return its descriptor."""
+    def _create(self, copy: _Copy, with_header: bool = True) -> int:
+        """Create the copy's file in tmp/, normally with its header written; return its descriptor."""
         copy.tmp_path = os.path.join(self.maildir.path(copy.mailbox), "tmp", self.message_id)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
         try:
@@ -486,11 +488,12 @@ class MessageWriter:
         except FileNotFoundError:
             self.maildir.ensure(copy.mailbox)
             fd = os.open(copy.tmp_path, flags, 0o600)
-        try:
-            _write_all(fd, copy.header)
-        except OSError:
-            os.close(fd)
-            raise
+        if with_header:
+            try:
+                _write_all(fd, copy.header)
+            except OSError:
+                os.close(fd)
+                raise
         return fd
 
     def write(self, data: bytes) -> None:
@@ -522,15 +525,10 @@ class MessageWriter:
             self.body_bytes += len(data)
             self.body_lines += data.count(b"\n")
             self.last_byte = data[-1:]
-            self.unwritten.append(data)
-            self.unwritten_bytes += len(data)
-            if self.unwritten_bytes >= WRITE_BUFFER:
-                self._write_out()
-
-    def _write_out(self) -> None:
-        _write_all(self.fd, b"".join(self.unwritten))
-        self.unwritten = []
-        self.unwritten_bytes = 0
+            if self.header_pending:
+                data = self.header_pending + data
+                self.header_pending = b""
+            _write_all(self.fd, data)       # one write per socket read: no copy held
 
     def finish(self) -> None:
         """Flush the end of the data: a held CR becomes LF and the last line ends in LF."""
@@ -550,7 +548,9 @@ class MessageWriter:
         first = self.copies[0]
         moved = []
         try:
-            self._write_out()
+            if self.header_pending:
+                _write_all(self.fd, self.header_pending)
+                self.header_pending = b""
             os.fsync(self.fd)
             body_offset = len(first.header)
             for copy in self.copies[1:]:
@@ -586,7 +586,6 @@ class MessageWriter:
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        self.unwritten = []
         for copy in self.copies:
             if copy.tmp_path:
                 _unlink_quietly(copy.tmp_path)
@@ -638,8 +637,18 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         self.lock = threading.Lock()
         self.connections = {}       # accepted socket -> thread serving it
         self.handlers = set()       # live handlers; their .sock may have become TLS
+        self.idle_threads = 0       # threads waiting for a connection in self.waiting
+        self.waiting = queue.SimpleQueue()
         self.sessions = 0
         super().__init__(address, handler)
+
+    def server_activate(self):
+        super().server_activate()
+        _set_socket_timeouts(self.socket, self.config.timeout)     # inherited by accept()
+
+    def shutdown_request(self, request):
+        """Close without socketserver's extra shutdown(): the session has ended already."""
+        self.close_request(request)
 
     def next_session_id(self) -> str:
         with self.lock:
@@ -647,11 +656,16 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             return "%s%d" % (self.name[0], self.sessions)
 
     def process_request(self, request, client_address):
-        """Start a thread for the connection, or refuse it when the cap is reached."""
+        """Serve the connection on an idle thread or a new one; refuse it at the cap."""
         with self.lock:
             full = len(self.connections) >= self.config.max_connections
+            handed_over = False
             if not full:
                 self.connections[request] = None
+                if self.idle_threads:
+                    self.idle_threads -= 1
+                    self.waiting.put((request, client_address))
+                    handed_over = True
         if full:
             log.info("%s refused connection from %s: %d connections already",
                      self.name, client_address[0], self.config.max_connections)
@@ -661,19 +675,35 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
             except OSError:
                 pass
             self.shutdown_request(request)
-            return
-        thread = threading.Thread(target=self.process_request_thread,
-                                  args=(request, client_address), daemon=True)
-        with self.lock:
-            self.connections[request] = thread
-        thread.start()
+        elif not handed_over:
+            threading.Thread(target=self._serve_connections, args=((request, client_address),),
+                             daemon=True).start()
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
+    def _serve_connections(self, job) -> None:
+        """Serve a connection, then wait a while for the next one.
+
+        Still one thread per connection, but a finished thread is reused: starting a
+        thread costs more than a short SMTP session (smtp-source opens one per message).
+        """
+        while job is not None:
+            request, client_address = job
             with self.lock:
-                self.connections.pop(request, None)
+                self.connections[request] = threading.current_thread()
+            try:
+                self.process_request_thread(request, client_address)
+            finally:
+                with self.lock:
+                    self.connections.pop(request, None)
+                    self.idle_threads += 1
+            try:
+                job = self.waiting.get(timeout=IDLE_THREAD_S)
+            except queue.Empty:
+                with self.lock:     # a job may have been handed over as the wait ended
+                    try:
+                        job = self.waiting.get_nowait()
+                    except queue.Empty:
+                        self.idle_threads -= 1
+                        job = None
 
     def handle_error(self, request, client_address):
         """Log one line instead of socketserver's traceback on stderr."""
@@ -687,6 +717,9 @@ class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
         with self.lock:
             handlers = list(self.handlers)
             threads = [thread for thread in self.connections.values() if thread is not None]
+            for _ in range(self.idle_threads):
+                self.waiting.put(None)          # wakes an idle thread, which then ends
+            self.idle_threads = 0
         for handler in handlers:
             try:
                 handler.sock.shutdown(socket.SHUT_RDWR)
@@ -720,10 +753,11 @@ class LineHandler(socketserver.BaseRequestHandler):
         self.sid = self.server.next_session_id()
         self.tls = False
         self.closing = False
-        self.read_timeout_s = None
-        self.sock.settimeout(None)
-        self._set_read_timeout(self.config.timeout)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.config.timeout))
+        self.read_timeout_s = self.config.timeout
+        if self.sock.gettimeout() is not None:
+            self.sock.settimeout(None)
+        if not SOCKET_TIMEOUTS_INHERITED:
+            _set_socket_timeouts(self.sock, self.config.timeout)
         with self.server.lock:
             self.server.handlers.add(self)
 
@@ -945,6 +979,11 @@ def _timeval(seconds: float) -> bytes:
     """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO."""
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+def _set_socket_timeouts(sock: socket.socket, seconds: float) -> None:
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(seconds))
 
 
 def _terminator_prefix_len(data: bytes) -> int:
@@ -1504,6 +1543,7 @@ class App:
 
         With no accounts configured, a loopback client may log in with anything (SPEC 4/5).
         """
+        import hmac     # loads OpenSSL's hashes (3 MB): only when someone logs in
         accounts = self.config.accounts
         try:
             name = mailbox_name(username.decode("utf-8"))
