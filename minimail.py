@@ -20,8 +20,11 @@ import base64
 import binascii
 import dataclasses
 import errno
+import fcntl
 import ipaddress
+import json
 import logging
+import math
 import os
 import queue
 import random
@@ -125,6 +128,12 @@ class Config:
     max_connections: int = 100                      # per listener
     timeout: float = 300.0                          # seconds; RFC 5321 4.5.3.2.7
     auth_failure_delay: float = 1.0                 # seconds before a 535 reply
+    smarthost: Optional[tuple[str, int]] = None     # relay everything through this server
+    smarthost_auth: Optional[tuple[str, str]] = None    # (user, password) for the smarthost
+    mx_port: int = 25                               # port of MX hosts when relaying
+    retry_delay: float = 300.0                      # first retry; delays double (SPEC 2)
+    queue_lifetime: float = 5 * 86400.0             # then a queued message is bounced
+    relay_workers: int = 4                          # deliveries at the same time
     loopback_networks: tuple[str, ...] = LOOPBACK_NETWORKS   # tests narrow this
 
     @cached_property
@@ -290,6 +299,11 @@ def rfc5322_date(when: Optional[float] = None) -> str:
         tm.tm_hour, tm.tm_min, tm.tm_sec, sign, hours, minutes)
 
 
+def mailbox_header(sender: str, mailbox: str, received: str) -> bytes:
+    """The trace headers that start a mailbox copy (SPEC 3), with LF line ends."""
+    return ("Return-Path: <%s>\nDelivered-To: %s\n%s" % (sender, mailbox, received)).encode("utf-8")
+
+
 def address_literal(ip: str) -> str:
     """The RFC 5321 4.1.3 form of a client address for trace headers."""
     return "[IPv6:%s]" % ip if ":" in ip else "[%s]" % ip
@@ -441,8 +455,8 @@ class Maildir:
 
 @dataclass
 class _Copy:
-    """One file being written for one mailbox."""
-    mailbox: str
+    """One file being written: a mailbox's copy, or the relay queue's when mailbox is None."""
+    mailbox: Optional[str]
     header: bytes
     tmp_path: str = ""
     final_path: str = ""
@@ -455,13 +469,16 @@ class MessageWriter:
     LF line ends, as Postfix, Dovecot and mailbox.Maildir store Maildir files; bare CR
     and bare LF both become LF, so nothing ambiguous is ever stored or relayed. The
     first copy is written as data arrives; others are copied from it at commit, each
-    with its own header. Nothing is visible in new/ before commit() has fsync'd it.
+    with its own header. Nothing is visible in new/ (or in the queue) before commit()
+    has fsync'd it.
     """
 
-    def __init__(self, maildir: Maildir, message_id: str, copies: list):
+    def __init__(self, maildir: Maildir, queue: "Queue", message_id: str, copies: list):
         self.maildir = maildir
+        self.queue = queue
         self.message_id = message_id
         self.copies = copies
+        self.eight_bit = False      # any byte over 127 (RFC 6152: needs 8BITMIME to relay)
         self.size = 0               # message bytes as received (after unstuffing)
         self.body_bytes = 0         # bytes stored after the per-copy header
         self.body_lines = 0         # LF count of the stored body
@@ -481,12 +498,18 @@ class MessageWriter:
 
     def _create(self, copy: _Copy, with_header: bool = True) -> int:
         """Create the copy's file in tmp/, normally with its header written; return its descriptor."""
-        copy.tmp_path = os.path.join(self.maildir.path(copy.mailbox), "tmp", self.message_id)
+        if copy.mailbox is None:
+            copy.tmp_path = self.queue.tmp_path(self.message_id)
+        else:
+            copy.tmp_path = os.path.join(self.maildir.path(copy.mailbox), "tmp", self.message_id)
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL
         try:
             fd = os.open(copy.tmp_path, flags, 0o600)
         except FileNotFoundError:
-            self.maildir.ensure(copy.mailbox)
+            if copy.mailbox is None:
+                self.queue.ensure()
+            else:
+                self.maildir.ensure(copy.mailbox)
             fd = os.open(copy.tmp_path, flags, 0o600)
         if with_header:
             try:
@@ -502,6 +525,8 @@ class MessageWriter:
         if self.size > self.max_size:
             self.oversized = True
             return
+        if not self.eight_bit and not data.isascii():
+            self.eight_bit = True
         if self.held_cr:
             data = self.held_cr + data
             self.held_cr = b""
@@ -540,9 +565,9 @@ class MessageWriter:
         return len(re.findall(rb"^received:", bytes(self.head), re.I | re.M))
 
     def commit(self) -> list:
-        """Make every copy durable and visible in new/; return the final paths.
+        """Make every copy durable and visible in new/ (or the queue); return the final paths.
 
-        On any failure, nothing stays in new/: copies already moved are removed again,
+        On any failure, nothing stays visible: copies already moved are removed again,
         so the client's retry cannot create a duplicate.
         """
         first = self.copies[0]
@@ -564,14 +589,17 @@ class MessageWriter:
             self.fd = -1
             new_dirs = set()
             for copy in self.copies:
-                size = len(copy.header) + self.body_bytes
-                lines = copy.header.count(b"\n") + self.body_lines
-                box = self.maildir.path(copy.mailbox)
-                copy.final_path = os.path.join(
-                    box, "new", "%s,S=%d,W=%d" % (self.message_id, size, size + lines))
+                if copy.mailbox is None:
+                    copy.final_path = self.queue.message_path(self.message_id)
+                else:
+                    size = len(copy.header) + self.body_bytes
+                    lines = copy.header.count(b"\n") + self.body_lines
+                    copy.final_path = os.path.join(
+                        self.maildir.path(copy.mailbox), "new",
+                        "%s,S=%d,W=%d" % (self.message_id, size, size + lines))
                 os.rename(copy.tmp_path, copy.final_path)
                 moved.append(copy.final_path)
-                new_dirs.add(os.path.join(box, "new"))
+                new_dirs.add(os.path.dirname(copy.final_path))
             for directory in new_dirs:
                 fsync_dir(directory)
         except OSError:
@@ -618,6 +646,139 @@ def _unlink_quietly(path: str) -> None:
         os.unlink(path)
     except OSError:
         pass
+
+
+@dataclass
+class QueueRecipient:
+    """One recipient of a queued message and what became of it."""
+    address: str                # as the client wrote it; relayed exactly so
+    domain: str                 # A-label form, for MX lookups and grouping
+    state: str = "queued"       # queued, deferred, delivered, failed (bounce due), bounced
+    attempts: int = 0
+    last_error: str = ""        # one line: what went wrong last, for `queue` and the bounce
+    status: str = ""            # enhanced status of a failure (RFC 3463), for the bounce
+    diagnostic: str = ""        # RFC 3464 Diagnostic-Code, e.g. "smtp; 550 5.1.1 unknown"
+    remote_mta: str = ""        # host[address] that gave the last answer
+
+    @property
+    def pending(self) -> bool:
+        return self.state in ("queued", "deferred")
+
+
+@dataclass
+class QueueEntry:
+    """A message waiting for relay: its envelope and delivery state (SPEC 3, 7)."""
+    id: str
+    sender: str                 # "" is the null sender: never bounced
+    created: float
+    recipients: list
+    smtputf8: bool = False
+    eight_bit: bool = False
+    size: int = 0
+    attempts: int = 0
+    next_try: float = 0.0
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "QueueEntry":
+        data = json.loads(text)
+        data["recipients"] = [QueueRecipient(**item) for item in data["recipients"]]
+        return cls(**data)
+
+
+class Queue:
+    """The outbound queue: <maildir>/.queue/ID.eml (the message) and ID.json (its state).
+
+    An entry exists once its .json is in place; both files are written in tmp/, fsync'd
+    and renamed, so a crash leaves either a whole entry or none. `.queue` can never be a
+    mailbox, since mailbox names contain '@'.
+    """
+
+    def __init__(self, root: str):
+        self.folder = os.path.join(root, ".queue")
+
+    def ensure(self) -> None:
+        if not os.path.isdir(os.path.join(self.folder, "tmp")):
+            os.makedirs(os.path.join(self.folder, "tmp"), mode=0o700, exist_ok=True)
+            fsync_dir(self.folder)
+            fsync_dir(os.path.dirname(self.folder))
+
+    def tmp_path(self, name: str) -> str:
+        return os.path.join(self.folder, "tmp", name)
+
+    def message_path(self, message_id: str) -> str:
+        return os.path.join(self.folder, message_id + ".eml")
+
+    def state_path(self, message_id: str) -> str:
+        return os.path.join(self.folder, message_id + ".json")
+
+    def save(self, entry: QueueEntry) -> None:
+        """Write an entry's state atomically and durably."""
+        self.ensure()
+        tmp = self.tmp_path(entry.id + ".json")
+        with open(tmp, "w", encoding="utf-8") as file:
+            file.write(entry.to_json())
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(tmp, self.state_path(entry.id))
+        fsync_dir(self.folder)
+
+    def remove(self, message_id: str) -> None:
+        """Forget an entry: its state first, so a crash never leaves state without a message."""
+        _unlink_quietly(self.state_path(message_id))
+        _unlink_quietly(self.message_path(message_id))
+
+    def ids(self) -> list:
+        """IDs of the entries on disk, oldest name first."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return []
+        return sorted(name[:-5] for name in names if name.endswith(".json"))
+
+    def load(self, message_id: str) -> Optional[QueueEntry]:
+        """An entry from disk, or None if it is gone or unreadable (logged)."""
+        try:
+            with open(self.state_path(message_id), encoding="utf-8") as file:
+                return QueueEntry.from_json(file.read())
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, TypeError, KeyError) as exc:
+            log.error("queue entry %s unreadable: %s", message_id, exc)
+            return None
+
+    def remove_orphans(self, older_than_s: float = 3600.0) -> None:
+        """Delete message files whose state was never written (no 250 was sent for them)."""
+        try:
+            names = os.listdir(self.folder)
+        except FileNotFoundError:
+            return
+        states = set(name[:-5] for name in names if name.endswith(".json"))
+        now = time.time()
+        for name in names:
+            path = os.path.join(self.folder, name)
+            if name.endswith(".eml") and name[:-4] not in states:
+                try:
+                    if now - os.stat(path).st_mtime > older_than_s:
+                        os.unlink(path)
+                except OSError:
+                    pass
+
+    def lock(self) -> Optional[int]:
+        """Take the queue's delivery lock (one delivering process per maildir), or None when
+        another process holds it or there is no queue yet."""
+        try:
+            fd = os.open(os.path.join(self.folder, "lock"), os.O_RDWR | os.O_CREAT, 0o600)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            return None
+        return fd
 
 
 # --- Line-protocol base ---------------------------------------------------------
@@ -1002,7 +1163,8 @@ class Envelope:
     sender: Optional[str] = None        # None before MAIL; "" is the null sender
     smtputf8: bool = False
     mailboxes: list = field(default_factory=list)   # local folder names, in RCPT order
-    recipients: list = field(default_factory=list)  # every accepted address
+    relay: list = field(default_factory=list)       # QueueRecipient for each remote address
+    recipients: list = field(default_factory=list)  # every accepted address, for the log
     writer: Optional[MessageWriter] = None          # an open BDAT message
     bdat_error: Optional[Reply] = None              # a BDAT failure reported at LAST
 
@@ -1193,22 +1355,32 @@ class SMTPHandler(LineHandler):
         folder = "%s@%s" % (local.lower(), domain)
         if not is_safe_folder(folder):
             raise Reply(553, "5.1.3", "Recipient address not allowed as a mailbox name")
-        self._check_recipient(folder, local.lower(), domain)
-        if folder not in self.envelope.mailboxes:
-            self.envelope.mailboxes.append(folder)
-        self.envelope.recipients.append(folder)
+        envelope = self.envelope
+        if self._is_relayed(folder, local.lower(), domain):
+            # The local part goes out exactly as written; the domain in A-label form.
+            address = "%s@%s" % (path.rpartition("@")[0], domain)
+            if all(rcpt.address != address for rcpt in envelope.relay):
+                envelope.relay.append(QueueRecipient(address, domain))
+            envelope.recipients.append(address)
+        else:
+            if folder not in envelope.mailboxes:
+                envelope.mailboxes.append(folder)
+            envelope.recipients.append(folder)
         self.reply(250, "2.1.5", "Ok")
 
-    def _check_recipient(self, folder: str, local: str, domain: str) -> None:
-        """Apply the recipient policy of SPEC 4, raising the refusal."""
+    def _is_relayed(self, folder: str, local: str, domain: str) -> bool:
+        """Apply the recipient policy of SPEC 4: False for a mailbox, True to relay, or refuse."""
         config = self.config
         if domain in config.local_domains:
             if local != "postmaster" and config.accounts and not config.catch_all \
                     and folder not in config.accounts:
                 raise Reply(550, "5.1.1", "Mailbox unavailable")
-            return
+            return False
         if config.catch_all:
-            return
+            return False
+        # A dev-sink login (no accounts configured) grants nothing: auth_user stays None.
+        if self.auth_user is not None or config.may_relay_from(self.peer_ip):
+            return True
         raise Reply(554, "5.7.1", "Relay access denied")
 
     def _check_utf8_address(self, path: str, smtputf8: bool) -> None:
@@ -1268,10 +1440,12 @@ class SMTPHandler(LineHandler):
         received = self._received_header(message_id)
         copies = []
         for mailbox in envelope.mailboxes:
-            header = ("Return-Path: <%s>\nDelivered-To: %s\n%s" % (
-                envelope.sender, mailbox, received % (" for <%s>" % mailbox))).encode("utf-8")
-            copies.append(_Copy(mailbox, header))
-        writer = MessageWriter(self.app.maildir, message_id, copies)
+            copies.append(_Copy(mailbox, mailbox_header(
+                envelope.sender, mailbox, received % (" for <%s>" % mailbox))))
+        if envelope.relay:
+            only = " for <%s>" % envelope.relay[0].address if len(envelope.relay) == 1 else ""
+            copies.append(_Copy(None, (received % only).encode("utf-8")))
+        writer = MessageWriter(self.app.maildir, self.app.queue, message_id, copies)
         try:
             writer.open(self.config.max_size)
         except OSError as exc:
@@ -1297,10 +1471,18 @@ class SMTPHandler(LineHandler):
         if writer.received_count() > SMTP_MAX_RECEIVED_HEADERS:
             writer.abort()
             raise Reply(554, "5.4.6", "Too many Received headers: mail loop")
+        stored = []
         try:
-            writer.commit()
+            stored = writer.commit()
+            if envelope.relay:
+                self.app.relay.enqueue(QueueEntry(
+                    writer.message_id, envelope.sender, time.time(), envelope.relay,
+                    smtputf8=envelope.smtputf8, eight_bit=writer.eight_bit, size=writer.size))
         except OSError as exc:
             log.error("%s storing message failed: %s", self.sid, exc)
+            if envelope.relay:
+                for path in stored:
+                    _unlink_quietly(path)
             raise Reply(451, "4.3.0", "Local storage error, try again later") from None
         log.info("%s accept id=%s from=<%s> rcpts=%s size=%d", self.sid, writer.message_id,
                  envelope.sender, ",".join(envelope.recipients), writer.size)
@@ -1457,6 +1639,504 @@ class SMTPHandler(LineHandler):
         self.reply(235, "2.7.0", "Authentication successful")
 
 
+# --- Relay delivery ---------------------------------------------------------------
+
+SMTP_MAX_TEXT_LINE = 998            # RFC 5321 4.5.3.1.6, without CRLF
+REPLY_MAX_LINES = 100               # a longer multi-line reply is a broken server
+REPLY_MAX_LINE = 4096               # RFC 5321 says 512; be generous, but bounded
+RETRY_DELAY_MAX_S = 4000.0          # SPEC 2: delays double, at most 4000 s
+QUEUE_RESCAN_S = 60.0               # look for entries queued by another process
+DSN_HEADERS_MAX = 64 * 1024         # original headers carried in a bounce
+LONG_LINE_RE = re.compile(rb"[^\n]{%d}" % (SMTP_MAX_TEXT_LINE + 1))
+
+
+class _HostFailure(Exception):
+    """This server cannot take the message now (no connection, bad greeting): try the next."""
+
+
+class SMTPClient:
+    """A small SMTP client for relaying: bounded replies, every wait bounded by a timeout."""
+
+    def __init__(self, address: str, port: int, timeout: float):
+        self.sock = socket.create_connection((address, port), timeout=timeout)
+        self.buf = bytearray()
+        self.tls = False
+
+    def _read_line(self) -> bytes:
+        while True:
+            end = self.buf.find(b"\n")
+            if end >= 0:
+                line = bytes(self.buf[:end]).rstrip(b"\r")
+                del self.buf[:end + 1]
+                return line
+            if len(self.buf) > REPLY_MAX_LINE:
+                raise _HostFailure("reply line too long")
+            data = self.sock.recv(4096)
+            if not data:
+                raise _HostFailure("connection closed by server")
+            self.buf += data
+
+    def read_reply(self) -> tuple:
+        """(code, [text lines]) of one reply; _HostFailure if it is not SMTP."""
+        lines = []
+        while True:
+            line = self._read_line()
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                raise _HostFailure("malformed reply %r" % line[:80])
+            lines.append(line[4:].decode("utf-8", "replace").strip())
+            if line[3:4] != b"-":
+                return int(line[:3]), lines
+            if len(lines) >= REPLY_MAX_LINES:
+                raise _HostFailure("reply too long")
+
+    def command(self, text: str) -> tuple:
+        self.sock.sendall(text.encode("utf-8") + b"\r\n")
+        return self.read_reply()
+
+    def starttls(self, hostname: str) -> None:
+        """Opportunistic TLS, like Postfix's 'may': encrypt, but accept any certificate."""
+        import ssl
+        context = ssl.create_default_context()
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        self.buf.clear()
+        self.sock = context.wrap_socket(self.sock, server_hostname=hostname)
+        self.tls = True
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+def relay_chunks(path: str):
+    """Yield a stored message as DATA text: CRLF line ends, dot-stuffed (RFC 5321 4.5.2),
+    lines over 998 octets broken with CRLF SP (SPEC 7). The final '.' is not included."""
+    line_length = 0             # octets of the unfinished line already yielded
+    at_line_start = True
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(RECV_SIZE), b""):
+            first_end = block.find(b"\n")
+            if line_length + (first_end if first_end >= 0 else len(block)) > SMTP_MAX_TEXT_LINE \
+                    or LONG_LINE_RE.search(block):
+                block, line_length = _fold_long_lines(block, line_length)
+            else:
+                last_end = block.rfind(b"\n")
+                line_length = len(block) - last_end - 1 if last_end >= 0 else line_length + len(block)
+            block = block.replace(b"\n.", b"\n..")
+            if at_line_start and block.startswith(b"."):
+                block = b"." + block
+            at_line_start = block.endswith(b"\n")
+            yield block.replace(b"\n", b"\r\n")
+    if not at_line_start:
+        yield b"\r\n"
+
+
+def _fold_long_lines(block: bytes, line_length: int) -> tuple:
+    """Break lines longer than 998 octets with LF SP (CRLF SP on the wire)."""
+    out = []
+    for index, piece in enumerate(block.split(b"\n")):
+        if index:
+            out.append(b"\n")
+            line_length = 0
+        while line_length + len(piece) > SMTP_MAX_TEXT_LINE:
+            room = SMTP_MAX_TEXT_LINE - line_length
+            out.extend((piece[:room], b"\n "))
+            piece = piece[room:]
+            line_length = 1
+        out.append(piece)
+        line_length += len(piece)
+    return b"".join(out), line_length
+
+
+def _status_of(code: int, lines: list) -> str:
+    """The enhanced status of a reply, or one derived from its class (RFC 3463)."""
+    match = re.match(r"([245])\.(\d{1,3})\.(\d{1,3})\b", lines[0] if lines else "")
+    return match.group(0) if match else "%d.0.0" % (code // 100)
+
+
+class Relay:
+    """Deliver queued mail in the background: MX hosts or a smarthost, retries with growing
+    delays, RFC 3464 bounces (SPEC 7). Only one process delivers a maildir's queue."""
+
+    def __init__(self, app: "App"):
+        self.app = app
+        self.config = app.config
+        self.queue = app.queue
+        self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
+        self.entries = {}           # ID -> QueueEntry this process knows of
+        self.busy = set()           # IDs being attempted now
+        self.workers = []
+        self.stopping = False
+        self.lock_fd = None
+        self.scheduler = None
+
+    def start(self) -> None:
+        self.scheduler = threading.Thread(target=self._schedule, name="relay", daemon=True)
+        self.scheduler.start()
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopping = True
+            self.changed.notify_all()
+            workers = list(self.workers)
+        if self.scheduler is not None:
+            self.scheduler.join(5.0)
+        deadline = time.monotonic() + 5.0
+        for worker in workers:
+            worker.join(max(0.0, deadline - time.monotonic()))
+        if self.lock_fd is not None:
+            os.close(self.lock_fd)
+            self.lock_fd = None
+
+    def enqueue(self, entry: QueueEntry) -> None:
+        """Save a new entry durably (OSError if that fails) and schedule it at once."""
+        self.queue.save(entry)
+        with self.lock:
+            self.entries[entry.id] = entry
+            self.changed.notify_all()
+
+    def flush(self) -> None:
+        """Retry every entry now (SIGUSR1)."""
+        with self.lock:
+            for entry in self.entries.values():
+                entry.next_try = 0.0
+            self.changed.notify_all()
+        log.info("relay: retrying every queued message now")
+
+    # Scheduling.
+    def _schedule(self) -> None:
+        next_scan = 0.0
+        while True:
+            with self.lock:
+                if self.stopping:
+                    return
+            if self.lock_fd is None:
+                try:
+                    self.lock_fd = self.queue.lock()
+                except OSError as exc:
+                    log.error("relay: cannot open the queue: %s", exc)
+                if self.lock_fd is None:
+                    with self.lock:
+                        self.changed.wait(QUEUE_RESCAN_S)
+                    continue
+                self.queue.remove_orphans()
+            if time.monotonic() >= next_scan:
+                self._scan(resume=next_scan == 0.0)
+                next_scan = time.monotonic() + QUEUE_RESCAN_S
+            with self.lock:
+                now = time.time()
+                self.workers = [worker for worker in self.workers if worker.is_alive()]
+                waiting = [entry for entry in self.entries.values() if entry.id not in self.busy]
+                for entry in sorted(waiting, key=lambda entry: entry.next_try):
+                    if entry.next_try > now or len(self.workers) >= self.config.relay_workers:
+                        break
+                    self.busy.add(entry.id)
+                    worker = threading.Thread(target=self._work, args=(entry,), daemon=True)
+                    self.workers.append(worker)
+                    worker.start()
+                waiting = [entry.next_try for entry in self.entries.values()
+                           if entry.id not in self.busy]
+                wait_s = min([next_scan - time.monotonic()] + [due - now for due in waiting])
+                if len(self.workers) < self.config.relay_workers or not waiting:
+                    self.changed.wait(max(0.0, wait_s))
+                else:
+                    self.changed.wait(QUEUE_RESCAN_S)       # a worker's end notifies
+
+    def _scan(self, resume: bool) -> None:
+        """Pick up entries on disk this process does not know yet (another process's).
+
+        The first scan resumes what a previous run left: those entries are tried at once,
+        since a restart often follows a fix of the configuration.
+        """
+        resumed = 0
+        for message_id in self.queue.ids():
+            with self.lock:
+                known = message_id in self.entries
+            if not known:
+                entry = self.queue.load(message_id)
+                if entry is not None:
+                    if resume:
+                        entry.next_try = 0.0
+                        resumed += 1
+                    with self.lock:
+                        self.entries.setdefault(message_id, entry)
+        if resumed:
+            log.info("relay: resuming %d queued message(s)", resumed)
+
+    def _work(self, entry: QueueEntry) -> None:
+        try:
+            self.attempt(entry)
+        except Exception as exc:        # a bug must not stop the relay; retry later
+            log.error("relay %s failed: %s", entry.id, exc.__class__.__name__)
+            log.debug("traceback", exc_info=True)
+            entry.next_try = time.time() + self.config.retry_delay
+        finally:
+            with self.lock:
+                self.busy.discard(entry.id)
+                self.changed.notify_all()
+
+    # Delivery.
+    def attempt(self, entry: QueueEntry) -> None:
+        """Try every pending recipient once; record results, bounce failures, reschedule."""
+        config = self.config
+        if not os.path.exists(self.queue.message_path(entry.id)):
+            log.error("relay %s: message file missing; dropping the entry", entry.id)
+            self._forget(entry)
+            return
+        pending = [rcpt for rcpt in entry.recipients if rcpt.pending]
+        if pending:
+            entry.attempts += 1
+            groups = {}
+            for rcpt in pending:
+                groups.setdefault(None if config.smarthost else rcpt.domain, []).append(rcpt)
+            for domain, group in groups.items():
+                self._deliver_group(entry, domain, group)
+                self.queue.save(entry)
+        if time.time() >= entry.created + config.queue_lifetime:
+            for rcpt in entry.recipients:
+                if rcpt.pending:
+                    self._fail(rcpt, "4.4.7", "X-Minimail; delivery time expired"
+                               + (" (last error: %s)" % rcpt.last_error if rcpt.last_error else ""))
+        self._bounce(entry)
+        if any(rcpt.pending for rcpt in entry.recipients):
+            delay_s = min(config.retry_delay * 2 ** (entry.attempts - 1), RETRY_DELAY_MAX_S)
+            entry.next_try = min(time.time() + delay_s, entry.created + config.queue_lifetime)
+            self.queue.save(entry)
+        else:
+            self._forget(entry)
+
+    def _forget(self, entry: QueueEntry) -> None:
+        self.queue.remove(entry.id)
+        with self.lock:
+            self.entries.pop(entry.id, None)
+        log.info("relay %s done: %s", entry.id, ", ".join(
+            "%s %s" % (rcpt.address, rcpt.state) for rcpt in entry.recipients))
+
+    def _routes(self, domain: Optional[str]) -> list:
+        """(host name, [addresses], port) to try in order; PermFail/TempFail from DNS."""
+        if domain is None:
+            host, port = self.config.smarthost
+            return [(host, [host], port)]
+        return [(mx.host, list(mx.addresses), self.config.mx_port)
+                for mx in self.app.resolver.resolve_mx(domain)]
+
+    def _deliver_group(self, entry: QueueEntry, domain: Optional[str], group: list) -> None:
+        """Deliver to the recipients of one domain (or all, via the smarthost)."""
+        for rcpt in group:
+            rcpt.attempts += 1
+        try:
+            routes = self._routes(domain)
+        except PermFail as exc:
+            for rcpt in group:
+                self._fail(rcpt, getattr(exc, "status", "5.1.2"), "X-Minimail; %s" % exc)
+            return
+        except TempFail as exc:
+            for rcpt in group:
+                self._defer(rcpt, str(exc))
+            return
+        errors = []
+        for host, addresses, port in routes:
+            if not addresses:
+                errors.append("%s has no address" % host)
+            for address in addresses:
+                try:
+                    self._transaction(entry, group, host, address, port)
+                    return
+                except (_HostFailure, OSError) as exc:
+                    text = "%s[%s]:%d: %s" % (host, address, port,
+                                               getattr(exc, "strerror", None) or exc)
+                    log.info("relay %s: %s", entry.id, text)
+                    errors.append(text)
+        for rcpt in group:
+            self._defer(rcpt, errors[-1] if errors else "no mail exchanger")
+
+    def _transaction(self, entry: QueueEntry, group: list, host: str, address: str,
+                     port: int) -> None:
+        """One SMTP session delivering entry to the group's recipients."""
+        client = SMTPClient(address, port, self.config.timeout)
+        remote = "%s[%s]" % (host, address)
+        try:
+            code, lines = client.read_reply()
+            if code != 220:
+                raise _HostFailure("greeting: %d %s" % (code, " ".join(lines)))
+            features = self._hello(client)
+            if "STARTTLS" in features:
+                code, lines = client.command("STARTTLS")
+                if code == 220:
+                    client.starttls(host)
+                    features = self._hello(client)
+            if self.config.smarthost and self.config.smarthost_auth:
+                self._authenticate(client, features, address)
+            needs = [("SMTPUTF8", entry.smtputf8, "5.6.7", "does not support SMTPUTF8"),
+                     ("8BITMIME", entry.eight_bit, "5.6.3", "does not accept 8-bit data")]
+            for feature, needed, status, text in needs:
+                if needed and feature not in features:
+                    for rcpt in group:
+                        self._fail(rcpt, status, "X-Minimail; %s %s" % (remote, text), remote)
+                    return
+            limit = features.get("SIZE", "")
+            if limit.isdigit() and 0 < int(limit) < entry.size:
+                for rcpt in group:
+                    self._fail(rcpt, "5.3.4", "X-Minimail; message size %d exceeds %s's limit %s"
+                               % (entry.size, remote, limit), remote)
+                return
+            mail = "MAIL FROM:<%s>" % entry.sender
+            if "SIZE" in features:
+                mail += " SIZE=%d" % entry.size
+            if entry.eight_bit:
+                mail += " BODY=8BITMIME"
+            if entry.smtputf8:
+                mail += " SMTPUTF8"
+            code, lines = client.command(mail)
+            if code // 100 != 2:
+                for rcpt in group:
+                    self._record(rcpt, code, lines, remote, "MAIL FROM")
+                return
+            accepted = []
+            for rcpt in group:
+                code, lines = client.command("RCPT TO:<%s>" % rcpt.address)
+                if code // 100 == 2:
+                    accepted.append(rcpt)
+                else:
+                    self._record(rcpt, code, lines, remote, "RCPT TO")
+            if not accepted:
+                return
+            code, lines = client.command("DATA")
+            if code != 354:
+                for rcpt in accepted:
+                    self._record(rcpt, code, lines, remote, "DATA")
+                return
+            for chunk in relay_chunks(self.queue.message_path(entry.id)):
+                client.sock.sendall(chunk)
+            client.sock.sendall(b".\r\n")
+            code, lines = client.read_reply()
+            for rcpt in accepted:
+                self._record(rcpt, code, lines, remote, "end of DATA")
+            self.queue.save(entry)      # at once: a crash must not send it again
+            try:
+                client.command("QUIT")
+            except (OSError, _HostFailure):
+                pass
+        finally:
+            client.close()
+
+    def _hello(self, client: SMTPClient) -> dict:
+        """EHLO (HELO when refused); the server's extensions as {KEYWORD: parameters}."""
+        code, lines = client.command("EHLO " + self.config.hostname)
+        if code == 250:
+            return {line.partition(" ")[0].upper(): line.partition(" ")[2]
+                    for line in lines[1:] if line}
+        code, lines = client.command("HELO " + self.config.hostname)
+        if code != 250:
+            raise _HostFailure("HELO refused: %d %s" % (code, " ".join(lines)))
+        return {}
+
+    def _authenticate(self, client: SMTPClient, features: dict, address: str) -> None:
+        """AUTH at the smarthost, only inside TLS or to a loopback host (SPEC 7)."""
+        if not (client.tls or self.config.is_loopback(address)):
+            log.info("relay: not sending smarthost credentials without TLS to %s", address)
+            return
+        user, password = self.config.smarthost_auth
+        mechanisms = features.get("AUTH", "").upper().split()
+        if "PLAIN" in mechanisms or "LOGIN" not in mechanisms:
+            token = base64.b64encode(("\0%s\0%s" % (user, password)).encode("utf-8")).decode()
+            code, lines = client.command("AUTH PLAIN " + token)
+        else:
+            client.command("AUTH LOGIN")
+            client.command(base64.b64encode(user.encode("utf-8")).decode())
+            code, lines = client.command(base64.b64encode(password.encode("utf-8")).decode())
+        if code != 235:
+            raise _HostFailure("authentication failed: %d %s" % (code, " ".join(lines)))
+
+    # Outcomes.
+    def _record(self, rcpt: QueueRecipient, code: int, lines: list, remote: str, stage: str) -> None:
+        text = "%d %s" % (code, " ".join(lines))
+        if code // 100 == 2:
+            rcpt.state, rcpt.last_error, rcpt.remote_mta = "delivered", "", remote
+            log.info("relay delivered to %s via %s: %s", rcpt.address, remote, text)
+        elif code // 100 == 5:
+            self._fail(rcpt, _status_of(code, lines), "smtp; " + text, remote,
+                       "%s said: %s (in reply to %s)" % (remote, text, stage))
+        else:
+            self._defer(rcpt, "%s said: %s (in reply to %s)" % (remote, text, stage))
+
+    def _defer(self, rcpt: QueueRecipient, error: str) -> None:
+        rcpt.state, rcpt.last_error = "deferred", " ".join(error.split())
+        log.info("relay deferred %s: %s", rcpt.address, rcpt.last_error)
+
+    def _fail(self, rcpt: QueueRecipient, status: str, diagnostic: str, remote: str = "",
+              error: str = "") -> None:
+        rcpt.state, rcpt.status, rcpt.diagnostic, rcpt.remote_mta = "failed", status, diagnostic, remote
+        rcpt.last_error = " ".join((error or diagnostic.partition("; ")[2]).split())
+        log.info("relay failed %s: %s %s", rcpt.address, status, rcpt.last_error)
+
+    def _bounce(self, entry: QueueEntry) -> None:
+        """Send one delivery status notification for the recipients that just failed."""
+        failed = [rcpt for rcpt in entry.recipients if rcpt.state == "failed"]
+        if not failed:
+            return
+        if entry.sender:
+            try:
+                bounce_id = self.app.store_generated("", entry.sender, self._dsn(entry, failed))
+            except (OSError, ValueError) as exc:
+                log.error("relay %s: cannot store the bounce: %s", entry.id, exc)
+                return      # the recipients stay failed: the next attempt tries again
+            log.info("relay %s: bounce %s sent to <%s>", entry.id, bounce_id, entry.sender)
+        else:
+            log.info("relay %s: undeliverable mail from the null sender dropped", entry.id)
+        for rcpt in failed:
+            rcpt.state = "bounced"
+        self.queue.save(entry)
+
+    def _dsn(self, entry: QueueEntry, failed: list) -> bytes:
+        """An RFC 3464 multipart/report for the failed recipients, in wire form (CRLF)."""
+        hostname = self.config.hostname
+        boundary = "%s/%s" % (entry.id, hostname)
+        now = rfc5322_date()
+        human = ["This is the mail system at host %s." % hostname, "",
+                 "Your message could not be delivered to one or more recipients.", ""]
+        human += ["<%s>: %s" % (rcpt.address, rcpt.last_error) for rcpt in failed]
+        report = ["Reporting-MTA: dns; %s" % hostname, "X-Minimail-Queue-ID: %s" % entry.id,
+                  "Arrival-Date: %s" % rfc5322_date(entry.created)]
+        for rcpt in failed:
+            kind = "rfc822" if rcpt.address.isascii() else "utf-8"
+            report += ["", "Final-Recipient: %s; %s" % (kind, rcpt.address), "Action: failed",
+                       "Status: %s" % rcpt.status]
+            if rcpt.remote_mta:
+                report.append("Remote-MTA: dns; %s" % rcpt.remote_mta.partition("[")[0])
+            report += ["Diagnostic-Code: %s" % rcpt.diagnostic, "Last-Attempt-Date: %s" % now]
+        text = "\r\n".join([
+            "From: Mail Delivery System <MAILER-DAEMON@%s>" % hostname,
+            "To: <%s>" % entry.sender,
+            "Subject: Undelivered Mail Returned to Sender",
+            "Date: %s" % now,
+            "Message-ID: <%s.bounce@%s>" % (entry.id, hostname),
+            "Auto-Submitted: auto-replied",
+            "MIME-Version: 1.0",
+            'Content-Type: multipart/report; report-type=delivery-status; boundary="%s"' % boundary,
+            "", "This is a MIME-encapsulated message.", "",
+            "--%s" % boundary, "Content-Description: Notification",
+            "Content-Type: text/plain; charset=utf-8", ""] + human + [
+            "", "--%s" % boundary, "Content-Description: Delivery report",
+            "Content-Type: message/%sdelivery-status" % ("" if entry.sender.isascii() else "global-"),
+            ""] + report + [
+            "", "--%s" % boundary, "Content-Description: Undelivered Message Headers",
+            "Content-Type: text/rfc822-headers", "", ""])
+        return text.encode("utf-8") + self._original_headers(entry) + (
+            "\r\n--%s--\r\n" % boundary).encode("ascii")
+
+    def _original_headers(self, entry: QueueEntry) -> bytes:
+        """The queued message's header block (bounded), with CRLF line ends."""
+        with open(self.queue.message_path(entry.id), "rb") as file:
+            head = file.read(DSN_HEADERS_MAX)
+        end = head.find(b"\n\n")
+        head = head[:end + 1] if end >= 0 else head[:head.rfind(b"\n") + 1]
+        return head.replace(b"\n", b"\r\n")
+
+
 # --- Application ----------------------------------------------------------------
 
 LISTENERS = (
@@ -1471,7 +2151,9 @@ class App:
     def __init__(self, config: Config):
         self.config = config
         self.maildir = Maildir(config.maildir)
+        self.queue = Queue(self.maildir.root)
         self.ids = MessageIds(config.hostname)
+        self.relay = Relay(self)
         self.tls_context = None
         self.servers = {}
         self.threads = []
@@ -1503,6 +2185,7 @@ class App:
                                       kwargs={"poll_interval": 0.2}, daemon=True)
             thread.start()
             self.threads.append(thread)
+        self.relay.start()
 
     def check_config(self) -> None:
         """Refuse configurations SPEC 2 forbids."""
@@ -1559,6 +2242,42 @@ class App:
             return name
         return False
 
+    def store_generated(self, sender: str, address: str, data: bytes) -> str:
+        """Store a message minimail wrote itself (a bounce, in wire form) for address:
+        into its mailbox when local, else into the queue. Return its ID."""
+        config = self.config
+        local, domain = parse_mailbox(address)
+        folder = "%s@%s" % (local.lower(), domain)
+        is_local = domain in config.local_domains or config.catch_all
+        if is_local and config.accounts and folder not in config.accounts and not config.catch_all:
+            folder = "postmaster@%s" % config.domains[0]    # no such mailbox: tell postmaster
+        if is_local and not is_safe_folder(folder):
+            raise ValueError("unsafe mailbox name %r" % folder)
+        message_id = self.ids.new()
+        received = "Received: by %s (minimail) id %s for <%s>;\n\t%s\n" % (
+            config.hostname, message_id, address, rfc5322_date())
+        copy = _Copy(folder, mailbox_header(sender, folder, received)) if is_local \
+            else _Copy(None, received.encode("utf-8"))
+        writer = MessageWriter(self.maildir, self.queue, message_id, [copy])
+        writer.open(max(config.max_size, len(data)))
+        try:
+            writer.write(data)
+            writer.finish()
+        except OSError:
+            writer.abort()
+            raise
+        stored = writer.commit()
+        if not is_local:
+            try:
+                self.relay.enqueue(QueueEntry(
+                    message_id, sender, time.time(), [QueueRecipient(address, domain)],
+                    smtputf8=not address.isascii(), eight_bit=writer.eight_bit, size=writer.size))
+            except OSError:
+                for path in stored:
+                    _unlink_quietly(path)
+                raise
+        return message_id
+
     def stop(self) -> None:
         """Stop listening, close live connections and wait (bounded) for their threads."""
         for server in self.servers.values():
@@ -1568,6 +2287,7 @@ class App:
             server.close_connections(wait_s=5.0)
         for thread in self.threads:
             thread.join(5.0)
+        self.relay.stop()
         self.servers = {}
         self.threads = []
 
@@ -1647,6 +2367,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="client network that may relay without AUTH; repeatable")
     add("--catch-all", action="store_true",
         help="store mail for every domain locally instead of relaying")
+    add("--smarthost", type=_typed(_parse_host_port), metavar="HOST:PORT",
+        help="send all outbound mail through this server instead of MX hosts")
+    add("--smarthost-auth", type=_typed(_parse_credentials), metavar="USER:PASSWORD",
+        help="AUTH for the smarthost (sent only inside TLS or to a loopback host)")
+    add("--mx-port", type=int, default=25, metavar="PORT", help="port of MX hosts when relaying")
+    add("--retry-delay", type=_typed(parse_time), default="300s", metavar="TIME",
+        help="first retry of a queued message; delays double, at most 4000 s")
+    add("--queue-lifetime", type=_typed(parse_time), default="5d", metavar="TIME",
+        help="bounce queued mail older than this")
     add("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS")
     add("--tls-key", metavar="FILE", help="private key (PEM) for STARTTLS")
     add("--max-size", type=int, default=26214400, metavar="BYTES", help="largest message")
@@ -1657,6 +2386,21 @@ def build_parser() -> argparse.ArgumentParser:
     add("-q", "--quiet", action="store_true", help="log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log protocol traffic too")
     return parser
+
+
+def _parse_host_port(text: str) -> tuple:
+    host, sep, port = text.rpartition(":")
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("bad address %r (use HOST:PORT)" % text)
+    return host, int(port)
+
+
+def _parse_credentials(text: str) -> tuple:
+    user, sep, password = text.partition(":")
+    if not sep or not user:
+        raise ValueError("bad credentials %r (use USER:PASSWORD)" % text)
+    return user, password
 
 
 def _parse_cidr(text: str) -> str:
@@ -1672,11 +2416,17 @@ def config_from_args(args) -> Config:
     domains = tuple(normalize_domain(domain) for domain in (args.domain or ["localhost"]))
     if args.max_size <= 0 or args.max_connections <= 0:
         raise ValueError("--max-size and --max-connections must be positive")
+    if not 0 < args.mx_port < 65536:
+        raise ValueError("--mx-port must be a port number")
+    if args.smarthost_auth and not args.smarthost:
+        raise ValueError("--smarthost-auth needs --smarthost")
     return Config(
         domains=domains, maildir=args.maildir, smtp=args.smtp, submission=args.submission,
         hostname=args.hostname, users=tuple(users), relay_from=tuple(args.relay_from),
         catch_all=args.catch_all, tls_cert=args.tls_cert, tls_key=args.tls_key,
-        max_size=args.max_size, max_connections=args.max_connections, timeout=args.timeout)
+        max_size=args.max_size, max_connections=args.max_connections, timeout=args.timeout,
+        smarthost=args.smarthost, smarthost_auth=args.smarthost_auth, mx_port=args.mx_port,
+        retry_delay=args.retry_delay, queue_lifetime=args.queue_lifetime)
 
 
 def serve(argv: list) -> int:
@@ -1694,6 +2444,7 @@ def serve(argv: list) -> int:
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
     signal.signal(signal.SIGINT, lambda signum, frame: stop.set())
+    signal.signal(signal.SIGUSR1, lambda signum, frame: app.relay.flush())
     for name in app.servers:
         print("minimail: %s listening on %s" % (name, format_addr(app.address(name))),
               file=sys.stderr, flush=True)
@@ -1705,7 +2456,28 @@ def serve(argv: list) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve}
+def list_queue(argv: list) -> int:
+    """The `queue` command: print the outbound queue (SPEC 2)."""
+    parser = _Parser(prog="minimail.py queue", description="List queued outbound mail.")
+    parser.add_argument("--maildir", default="./maildir", metavar="DIR",
+                        help="root of all mailboxes (default: ./maildir)")
+    args = parser.parse_args(argv)
+    queue = Queue(os.path.abspath(args.maildir))
+    now = time.time()
+    for message_id in queue.ids():
+        entry = queue.load(message_id)
+        if entry is None:
+            continue
+        print("%s %ds <%s>" % (entry.id, max(0, now - entry.created), entry.sender))
+        for rcpt in entry.recipients:
+            next_try = "%ds" % max(0, math.ceil(entry.next_try - now)) if rcpt.pending else "-"
+            state = "bounced" if rcpt.state == "failed" else rcpt.state
+            print("  %s %s %d %s %s" % (rcpt.address, state, rcpt.attempts, next_try,
+                                        rcpt.last_error or "-"))
+    return 0
+
+
+COMMANDS = {"serve": serve, "queue": list_queue}
 
 
 def main(argv: Optional[list] = None) -> int:

@@ -10,6 +10,7 @@ import shutil
 import signal
 import smtplib
 import socket
+import socketserver
 import ssl
 import subprocess
 import sys
@@ -1217,3 +1218,484 @@ def test_maildir_wire_size_of_foreign_files(tmp_path, content):
     wire = b"".join(line + b"\r\n" for line in lines)
     for message in maildir.messages("x@example.test"):
         assert message.wire_size() == len(wire), message.name
+
+
+# --- Relay ---------------------------------------------------------------------------
+
+class FakeSMTP:
+    """A scriptable SMTP server that records every message it accepts.
+
+    Replies are queued per stage with will(): "MAIL", "RCPT <address>", "DATA" (the 354)
+    and "END" (after the data); otherwise the server says 250.
+    """
+
+    def __init__(self, host="127.0.0.1", port=0, features=("PIPELINING", "8BITMIME", "SMTPUTF8"),
+                 tls_files=None, auth=None, ehlo=True, greeting="220 fake.test ESMTP"):
+        self.features = list(features)
+        self.tls_files = tls_files
+        self.auth = auth                    # (user, password) required, or None
+        self.ehlo = ehlo
+        self.greeting = greeting
+        self.replies = {}
+        self.messages = []                  # dicts: sender, params, rcpts, data, tls, auth
+        self.sessions = []                  # the command lines of every session
+        self.changed = threading.Condition()
+        fake = self
+
+        class Handler(socketserver.BaseRequestHandler):
+            def handle(self):
+                fake._serve(self.request)
+
+        self.server = socketserver.ThreadingTCPServer((host, port), Handler, bind_and_activate=False)
+        self.server.daemon_threads = True
+        self.server.allow_reuse_address = True
+        self.server.server_bind()
+        self.server.server_activate()
+        self.port = self.server.server_address[1]
+        self.thread = threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05})
+        self.thread.start()
+
+    def will(self, stage, *replies):
+        with self.changed:
+            self.replies.setdefault(stage, []).extend(replies)
+
+    def _reply(self, stage, default):
+        with self.changed:
+            queued = self.replies.get(stage)
+            return queued.pop(0) if queued else default
+
+    def wait_messages(self, count, timeout=10):
+        with self.changed:
+            self.changed.wait_for(lambda: len(self.messages) >= count, timeout)
+            return list(self.messages)
+
+    def close(self):
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(5)
+
+    def _serve(self, sock):
+        session = {"sock": sock, "commands": [], "tls": False, "auth": None}
+        with self.changed:
+            self.sessions.append(session["commands"])
+        try:
+            sock.settimeout(10)
+            self._converse(session)
+        except (OSError, ValueError):
+            pass
+        finally:
+            session["sock"].close()
+
+    def _converse(self, session):
+        reader = session["sock"].makefile("rb")
+
+        def send(line):
+            session["sock"].sendall(line.encode() + b"\r\n")
+
+        send(self.greeting)
+        envelope = None
+        while True:
+            line = reader.readline(100000)
+            if not line:
+                return
+            text = line.decode("utf-8", "replace").rstrip("\r\n")
+            verb = text.split(" ")[0].upper()
+            session["commands"].append(text)
+            if verb == "EHLO" and self.ehlo:
+                lines = ["fake.test"] + self.features
+                if self.tls_files and not session["tls"]:
+                    lines.append("STARTTLS")
+                if self.auth:
+                    lines.append("AUTH PLAIN LOGIN")
+                send("\r\n".join("250-" + item for item in lines[:-1]) + "\r\n250 " + lines[-1])
+            elif verb == "HELO":
+                send("250 fake.test")
+            elif verb == "STARTTLS" and self.tls_files:
+                send("220 2.0.0 go ahead")
+                context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+                context.load_cert_chain(*self.tls_files)
+                session["sock"] = context.wrap_socket(session["sock"], server_side=True)
+                reader = session["sock"].makefile("rb")
+                session["tls"] = True
+            elif verb == "AUTH" and self.auth:
+                _, user, password = base64.b64decode(text.split(" ")[2]).split(b"\0")
+                session["auth"] = (user.decode(), password.decode())
+                send("235 2.7.0 ok" if session["auth"] == tuple(self.auth) else "535 5.7.8 no")
+            elif verb == "MAIL":
+                reply = self._reply("MAIL", "250 2.1.0 ok")
+                if reply.startswith("2"):
+                    sender, _, params = text[10:].partition(">")
+                    envelope = {"sender": sender.lstrip("<"), "params": params.split(),
+                                "rcpts": [], "tls": session["tls"], "auth": session["auth"]}
+                send(reply)
+            elif verb == "RCPT":
+                address = text[8:].strip("<>")
+                reply = self._reply("RCPT " + address, "250 2.1.5 ok")
+                if reply.startswith("2"):
+                    envelope["rcpts"].append(address)
+                send(reply)
+            elif verb == "DATA":
+                reply = self._reply("DATA", "354 go ahead")
+                send(reply)
+                if reply.startswith("354"):
+                    lines = []
+                    while True:
+                        data_line = reader.readline(100000)
+                        if data_line in (b".\r\n", b""):
+                            break
+                        lines.append(data_line[1:] if data_line.startswith(b".") else data_line)
+                    reply = self._reply("END", "250 2.0.0 queued")
+                    if reply.startswith("2"):
+                        envelope["data"] = b"".join(lines)
+                        with self.changed:
+                            self.messages.append(envelope)
+                            self.changed.notify_all()
+                    send(reply)
+            elif verb == "RSET":
+                envelope = None
+                send("250 2.0.0 ok")
+            elif verb == "QUIT":
+                send("221 2.0.0 bye")
+                return
+            else:
+                send("502 5.5.2 not here")
+
+
+@pytest.fixture
+def fake_smtp():
+    fakes = []
+
+    def make(**kwargs):
+        fake = FakeSMTP(**kwargs)
+        fakes.append(fake)
+        return fake
+
+    yield make
+    for fake in fakes:
+        fake.close()
+
+
+RELAY_USER = ("alice@example.test", "secret")
+
+
+def relay_server(make_server, fake, **overrides):
+    fields = dict(smarthost=("127.0.0.1", fake.port), users=(RELAY_USER,), retry_delay=0.05)
+    fields.update(overrides)
+    return make_server(**fields)
+
+
+def send_authenticated(app, rcpts, message=b"Subject: relay\r\n\r\nhello\r\n",
+                       sender="alice@example.test", **options):
+    with smtp_client(app.smtp_port) as client:
+        client.login(*RELAY_USER)
+        return client.sendmail(sender, rcpts, message, **options)
+
+
+def queue_empty(app):
+    return app.queue.ids() == []
+
+
+def test_relay_authenticated_client_relays_via_smarthost(make_server, fake_smtp):
+    fake = fake_smtp()
+    app = relay_server(make_server, fake)
+    send_authenticated(app, ["bob@remote.test", "alice@example.test", "carol@remote.test"])
+    message, = fake.wait_messages(1)
+    assert message["sender"] == "alice@example.test"
+    assert message["rcpts"] == ["bob@remote.test", "carol@remote.test"]
+    assert message["data"].startswith(b"Received: from client.test ([127.0.0.1])\r\n")
+    assert b"\r\nSubject: relay\r\n\r\nhello\r\n" in message["data"]
+    assert b"Return-Path" not in message["data"] and b"Delivered-To" not in message["data"]
+    assert len(delivered(app, "alice@example.test")) == 1          # the local copy
+    assert wait_for(lambda: queue_empty(app))
+    assert len(fake.wait_messages(1)) == 1
+
+
+def test_relay_from_network_may_relay_without_auth(make_server, fake_smtp):
+    fake = fake_smtp()
+    app = make_server(smarthost=("127.0.0.1", fake.port), relay_from=("127.0.0.0/8",))
+    with smtp_client(app.smtp_port) as client:
+        client.sendmail("x@sender.test", ["bob@remote.test"], b"Subject: r\r\n\r\nx\r\n")
+    assert fake.wait_messages(1)[0]["rcpts"] == ["bob@remote.test"]
+
+
+@pytest.mark.parametrize("overrides", [{}, {"relay_from": ("10.0.0.0/8",)}, {"submission": ("127.0.0.1", 0)}])
+def test_relay_open_relay_refused(make_server, fake_smtp, overrides):
+    fake = fake_smtp()
+    app = make_server(smarthost=("127.0.0.1", fake.port), **overrides)
+    ports = [app.smtp_port] + ([app.submission_port] if "submission" in overrides else [])
+    for port in ports:
+        with Raw(port) as client:
+            assert client.command(b"EHLO client.test")[0] == 250
+            if port != app.smtp_port:
+                assert client.command(b"AUTH PLAIN " + b64(b"\0any\0thing"))[0] == 235
+            assert client.command(b"MAIL FROM:<x@sender.test>")[0] == 250
+            code, lines = client.command(b"RCPT TO:<victim@remote.test>")
+            assert (code, lines[0][4:9]) == (554, "5.7.1")
+    assert not os.path.exists(app.queue.folder) or app.queue.ids() == []
+    assert fake.sessions == []
+
+
+def test_relay_retries_after_temporary_failure(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "451 4.3.0 greylisted, come back later")
+    app = relay_server(make_server, fake, retry_delay=1.0)
+    send_authenticated(app, ["bob@remote.test"])
+    queue = app.queue
+    assert wait_for(lambda: queue.ids() and "greylisted" in queue.load(queue.ids()[0]).recipients[0].last_error)
+    message, = fake.wait_messages(1)
+    assert message["rcpts"] == ["bob@remote.test"]
+    assert wait_for(lambda: queue_empty(app))
+    assert len(fake.sessions) == 2
+
+
+def queue_lines(app):
+    result = run_cli("queue", "--maildir", app.maildir.root)
+    assert result.returncode == 0 and result.stderr == ""
+    return result.stdout.splitlines()
+
+
+def read_dsn(app, mailbox):
+    import email
+    import email.policy
+    files = wait_for(lambda: delivered(app, mailbox))
+    assert len(files) == 1
+    with open(files[0], "rb") as file:
+        return email.message_from_binary_file(file, policy=email.policy.default)
+
+
+def dsn_fields(message):
+    """The per-recipient field blocks of a delivery-status part."""
+    part = [p for p in message.walk() if p.get_content_type() == "message/delivery-status"][0]
+    return [dict(block.items()) for block in part.get_payload()[1:]]
+
+
+def test_relay_permanent_failure_bounces_with_dsn(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "550 5.1.1 <bob@remote.test>: no such user")
+    app = relay_server(make_server, fake)
+    send_authenticated(app, ["bob@remote.test", "carol@remote.test"],
+                       b"Subject: original subject\r\nX-Trace: 42\r\n\r\nbody\r\n")
+    assert fake.wait_messages(1)[0]["rcpts"] == ["carol@remote.test"]
+    dsn = read_dsn(app, "alice@example.test")
+    assert dsn.get_content_type() == "multipart/report"
+    assert dsn.get_param("report-type") == "delivery-status"
+    assert dsn["From"].addresses[0].username == "MAILER-DAEMON"
+    assert read_stored(app, "alice@example.test").startswith(b"Return-Path: <>\n")
+    fields, = dsn_fields(dsn)
+    assert fields["Final-Recipient"] == "rfc822; bob@remote.test"
+    assert fields["Action"] == "failed" and fields["Status"] == "5.1.1"
+    assert fields["Diagnostic-Code"].startswith("smtp; 550 5.1.1")
+    headers = [p for p in dsn.walk() if p.get_content_type() == "text/rfc822-headers"][0]
+    original = headers.get_content() if hasattr(headers, "get_content") else headers.get_payload()
+    assert "Subject: original subject" in str(original) and "X-Trace: 42" in str(original)
+    assert wait_for(lambda: queue_empty(app))
+
+
+def test_relay_gives_up_after_queue_lifetime(make_server, fake_smtp):
+    fake = fake_smtp()
+    port = fake.port
+    fake.close()                                    # nothing listens there any more
+    app = make_server(smarthost=("127.0.0.1", port), users=(RELAY_USER,), retry_delay=0.05,
+                      queue_lifetime=0.6)
+    send_authenticated(app, ["bob@remote.test"])
+    dsn = read_dsn(app, "alice@example.test")
+    fields, = dsn_fields(dsn)
+    assert fields["Status"] == "4.4.7" and fields["Action"] == "failed"
+    assert "expired" in fields["Diagnostic-Code"]
+    assert wait_for(lambda: queue_empty(app))
+
+
+def test_relay_null_sender_is_never_bounced(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "550 5.1.1 no such user")
+    app = relay_server(make_server, fake)
+    with smtp_client(app.smtp_port) as client:
+        client.login(*RELAY_USER)
+        client.sendmail("", ["bob@remote.test"], b"Subject: a bounce\r\n\r\nx\r\n")
+    assert wait_for(lambda: queue_empty(app))
+    assert [name for name in all_files(app.maildir.root) if not name.startswith(".queue/")] == []
+    assert fake.messages == []
+
+
+def test_relay_bounce_to_remote_sender_is_queued_from_null_sender(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "550 5.1.1 no such user")
+    app = relay_server(make_server, fake)
+    send_authenticated(app, ["bob@remote.test"], sender="someone@elsewhere.test")
+    bounce, = fake.wait_messages(1)
+    assert bounce["sender"] == "" and bounce["rcpts"] == ["someone@elsewhere.test"]
+    assert b"multipart/report" in bounce["data"] and b"Status: 5.1.1" in bounce["data"]
+    assert wait_for(lambda: queue_empty(app))
+
+
+def test_relay_smarthost_auth(make_server, fake_smtp):
+    fake = fake_smtp(auth=("relayuser", "relaypass"))
+    app = relay_server(make_server, fake, smarthost_auth=("relayuser", "relaypass"))
+    send_authenticated(app, ["bob@remote.test"])
+    assert fake.wait_messages(1)[0]["auth"] == ("relayuser", "relaypass")
+
+
+def test_relay_smarthost_auth_failure_defers(make_server, fake_smtp):
+    fake = fake_smtp(auth=("relayuser", "relaypass"))
+    app = relay_server(make_server, fake, smarthost_auth=("relayuser", "wrong"), retry_delay=60)
+    send_authenticated(app, ["bob@remote.test"])
+    assert wait_for(lambda: any("authentication failed" in line for line in queue_lines(app)))
+    assert fake.messages == []
+
+
+def test_relay_smarthost_credentials_need_tls_off_loopback(make_server, fake_smtp):
+    fake = fake_smtp(auth=("relayuser", "relaypass"))
+    app = relay_server(make_server, fake, smarthost_auth=("relayuser", "relaypass"),
+                       relay_from=("127.0.0.0/8",), loopback_networks=())
+    with smtp_client(app.smtp_port) as client:
+        client.sendmail("x@sender.test", ["bob@remote.test"], b"Subject: r\r\n\r\nx\r\n")
+    message, = fake.wait_messages(1)
+    assert message["auth"] is None
+    assert not any(line.startswith("AUTH") for line in fake.sessions[0])
+
+
+def test_relay_uses_starttls_when_offered(make_server, fake_smtp, tls_files):
+    fake = fake_smtp(tls_files=tls_files, auth=("relayuser", "relaypass"))
+    app = relay_server(make_server, fake, smarthost_auth=("relayuser", "relaypass"),
+                       relay_from=("127.0.0.0/8",), loopback_networks=())
+    with smtp_client(app.smtp_port) as client:
+        client.sendmail("x@sender.test", ["bob@remote.test"], b"Subject: r\r\n\r\nx\r\n")
+    message, = fake.wait_messages(1)
+    assert message["tls"] is True and message["auth"] == ("relayuser", "relaypass")
+
+
+def test_relay_helo_fallback_and_size_parameter(make_server, fake_smtp):
+    fake = fake_smtp(ehlo=False)
+    app = relay_server(make_server, fake)
+    send_authenticated(app, ["bob@remote.test"])
+    fake.wait_messages(1)
+    assert fake.sessions[0][0].startswith("EHLO ") and fake.sessions[0][1].startswith("HELO ")
+    fake2 = fake_smtp(features=("SIZE 100000", "8BITMIME"))
+    app2 = relay_server(make_server, fake2, maildir=app.maildir.root + "-2")
+    send_authenticated(app2, ["bob@remote.test"], b"Subject: s\r\n\r\n" + b"x" * 100 + b"\r\n")
+    message, = fake2.wait_messages(1)
+    assert any(param.startswith("SIZE=") for param in message["params"])
+
+
+@pytest.mark.parametrize("features, message, options, status", [
+    (("SIZE 50",), b"Subject: big\r\n\r\n" + b"x" * 200 + b"\r\n", {}, "5.3.4"),
+    (("SMTPUTF8",), "Subject: 8bit\r\n\r\ncafé\r\n".encode(), {}, "5.6.3"),
+    (("8BITMIME",), b"Subject: utf8\r\n\r\nx\r\n", {"mail_options": ["SMTPUTF8"]}, "5.6.7"),
+])
+def test_relay_remote_capabilities_bounce(make_server, fake_smtp, features, message, options, status):
+    fake = fake_smtp(features=features)
+    app = relay_server(make_server, fake)
+    send_authenticated(app, ["bob@remote.test"], message, **options)
+    fields, = dsn_fields(read_dsn(app, "alice@example.test"))
+    assert fields["Status"] == status
+    assert fake.messages == []
+
+
+def test_relay_long_lines_folded_and_dots_stuffed(make_server, fake_smtp):
+    fake = fake_smtp()
+    app = relay_server(make_server, fake)
+    long_line = b"".join(b"%05d" % i for i in range(500))        # 2500 octets
+    send_authenticated(app, ["bob@remote.test"],
+                       b"Subject: long\r\n\r\n" + long_line + b"\r\n.leading dot\r\n..two\r\nend\r\n")
+    data = fake.wait_messages(1)[0]["data"]
+    body = data.split(b"\r\n\r\n", 1)[1]
+    lines = body.split(b"\r\n")
+    assert all(len(line) <= 998 for line in lines)
+    assert lines[0] == long_line[:998] and lines[1] == b" " + long_line[998:1995]
+    assert lines[2] == b" " + long_line[1995:]
+    assert lines[3:6] == [b".leading dot", b"..two", b"end"]
+
+
+def test_relay_chunks_fold_across_blocks(tmp_path):
+    path = tmp_path / "message"
+    block = minimail.RECV_SIZE
+    data = b"a" * (block - 10) + b"\n" + b"b" * 3000 + b"\n.x\nlast"
+    path.write_bytes(data)
+    wire = b"".join(minimail.relay_chunks(str(path)))
+    lines = wire.split(b"\r\n")
+    assert all(len(line) <= 998 for line in lines)
+    assert b"".join(line[1:] if i and line.startswith(b" ") else line
+                    for i, line in enumerate(lines[:-1])).count(b"b") == 3000
+    assert lines[-3:] == [b"..x", b"last", b""]
+
+
+def test_relay_queue_survives_restart(tmp_path, fake_smtp):
+    fake = fake_smtp()
+    port = fake.port
+    fake.close()
+    config = base_config(tmp_path, smarthost=("127.0.0.1", port), users=(RELAY_USER,),
+                         retry_delay=1.0)
+    with running(config) as app:
+        send_authenticated(app, ["bob@remote.test"])
+        assert wait_for(lambda: any("deferred" in line for line in queue_lines(app)))
+    revived = FakeSMTP(port=port)
+    try:
+        with running(config):
+            message, = revived.wait_messages(1)
+            assert message["rcpts"] == ["bob@remote.test"]
+    finally:
+        revived.close()
+
+
+def test_relay_queue_command_lists_entries(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "452 4.2.2 mailbox full")
+    fake.will("RCPT carol@remote.test", "452 4.2.2 mailbox full")
+    app = relay_server(make_server, fake, retry_delay=3600)
+    send_authenticated(app, ["bob@remote.test", "carol@remote.test"])
+    assert wait_for(lambda: len(fake.sessions) == 1 and "mailbox full" in "".join(queue_lines(app)))
+    lines = queue_lines(app)
+    message_id, age, sender = lines[0].split(" ")
+    assert app.queue.ids() == [message_id] and age.endswith("s") and sender == "<alice@example.test>"
+    for line, rcpt in zip(lines[1:], ("bob@remote.test", "carol@remote.test")):
+        assert line.startswith("  %s deferred 1 " % rcpt)
+        fields = line.split(" ", 6)
+        assert fields[5].endswith("s") and "452 4.2.2 mailbox full" in fields[6]
+
+
+def test_relay_crash_after_partial_delivery_sends_nothing_twice(tmp_path, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT carol@remote.test", "451 4.3.0 later")
+    maildir = tmp_path / "md"
+    args = ["--smarthost", "127.0.0.1:%d" % fake.port, "--user", "%s:%s" % RELAY_USER,
+            "--retry-delay", "3600"]
+    process, lines = start_cli(tmp_path, *args)
+    port = int([line for line in lines if " smtp listening on " in line][0].rsplit(":", 1)[1])
+    try:
+        with smtp_client(port) as client:
+            client.login(*RELAY_USER)
+            client.sendmail("alice@example.test", ["bob@remote.test", "carol@remote.test"],
+                            b"Subject: once\r\n\r\nx\r\n")
+        fake.wait_messages(1)
+        queue = minimail.Queue(str(maildir))
+        assert wait_for(lambda: "deferred" in [r.state for r in queue.load(queue.ids()[0]).recipients])
+    finally:
+        process.kill()                              # a crash: no clean shutdown
+        process.communicate(timeout=20)
+    with running(base_config(tmp_path, maildir=str(maildir), smarthost=("127.0.0.1", fake.port),
+                             users=(RELAY_USER,), retry_delay=0.05)) as app:
+        messages = fake.wait_messages(2)
+        assert wait_for(lambda: queue_empty(app))
+    assert [message["rcpts"] for message in messages] == [["bob@remote.test"], ["carol@remote.test"]]
+    assert len(fake.wait_messages(3, timeout=0.5)) == 2
+
+
+def test_relay_sigusr1_retries_now(tmp_path, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "451 4.3.0 later")
+    process, lines = start_cli(tmp_path, "--smarthost", "127.0.0.1:%d" % fake.port,
+                               "--user", "%s:%s" % RELAY_USER, "--retry-delay", "1h")
+    port = int([line for line in lines if " smtp listening on " in line][0].rsplit(":", 1)[1])
+    try:
+        with smtp_client(port) as client:
+            client.login(*RELAY_USER)
+            client.sendmail("alice@example.test", ["bob@remote.test"], b"Subject: u\r\n\r\nx\r\n")
+        assert wait_for(lambda: len(fake.sessions) == 1)
+        queue = minimail.Queue(str(tmp_path / "md"))
+        assert wait_for(lambda: queue.ids() and queue.load(queue.ids()[0]).recipients[0].state == "deferred")
+        process.send_signal(signal.SIGUSR1)
+        assert fake.wait_messages(1)[0]["rcpts"] == ["bob@remote.test"]
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=20)[1]
+    assert "Traceback" not in rest and "retrying every queued message" in rest
