@@ -1699,3 +1699,110 @@ def test_relay_sigusr1_retries_now(tmp_path, fake_smtp):
         process.send_signal(signal.SIGTERM)
         rest = process.communicate(timeout=20)[1]
     assert "Traceback" not in rest and "retrying every queued message" in rest
+
+
+POSTFIX_MASTER_CF = """\
+127.0.0.1:{port} inet n - n - - smtpd
+pickup unix n - n 60 1 pickup
+cleanup unix n - n - 0 cleanup
+qmgr unix n - n 300 1 qmgr
+rewrite unix - - n - - trivial-rewrite
+bounce unix - - n - 0 bounce
+defer unix - - n - 0 bounce
+trace unix - - n - 0 bounce
+verify unix - - n - 1 verify
+flush unix n - n 1000? 0 flush
+proxymap unix - - n - - proxymap
+smtp unix - - n - - smtp
+showq unix n - n - - showq
+error unix - - n - - error
+retry unix - - n - - error
+discard unix - - n - - discard
+virtual unix - n n - - virtual
+anvil unix - - n - 1 anvil
+scache unix - - n - 1 scache
+postlog unix-dgram n - n - 1 postlogd
+"""
+
+
+@pytest.fixture
+def postfix_server():
+    """A private Postfix (Debian package postfix) on a loopback port, delivering mail for
+    postfix.test into a Maildir; started from its own config directory, never the system's."""
+    daemon_dir = shutil.which("postconf") and subprocess.run(
+        ["postconf", "-dh", "daemon_directory"], capture_output=True, text=True).stdout.strip()
+    if not daemon_dir or not os.path.exists(os.path.join(daemon_dir, "master")):
+        pytest.skip("Postfix is not installed (Debian package postfix)")
+    if os.geteuid() != 0:
+        pytest.skip("a private Postfix instance needs root")
+    import pwd
+    try:
+        nobody = pwd.getpwnam("nobody")
+        pwd.getpwnam("postfix")
+    except KeyError:
+        pytest.skip("users postfix and nobody are needed")
+    import tempfile
+    base = tempfile.mkdtemp(prefix="minimail-postfix-", dir="/var/tmp")
+    os.chmod(base, 0o755)
+    conf, queue, data, maildir = (os.path.join(base, name) for name in ("conf", "queue", "data", "mail"))
+    for folder in (conf, queue, data, maildir):
+        os.mkdir(folder)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with open(os.path.join(conf, "main.cf"), "w") as file:
+        file.write("\n".join([
+            "compatibility_level = 3.6", "queue_directory = " + queue, "data_directory = " + data,
+            "mail_owner = postfix", "setgid_group = postdrop", "myhostname = postfix.test",
+            "mydestination =", "inet_interfaces = 127.0.0.1", "inet_protocols = ipv4",
+            "mynetworks = 127.0.0.0/8", "alias_maps =", "alias_database =", "local_recipient_maps =",
+            "virtual_mailbox_domains = postfix.test", "virtual_mailbox_base = " + maildir,
+            "virtual_mailbox_maps = static:inbox/", "virtual_uid_maps = static:%d" % nobody.pw_uid,
+            "virtual_gid_maps = static:%d" % nobody.pw_gid, "virtual_minimum_uid = 100",
+            "smtputf8_enable = no", "biff = no", "maillog_file = " + os.path.join(base, "maillog"),
+            "maillog_file_prefixes = " + base, ""]))
+    with open(os.path.join(conf, "master.cf"), "w") as file:
+        file.write(POSTFIX_MASTER_CF.format(port=port))
+    os.chown(maildir, nobody.pw_uid, nobody.pw_gid)
+    shutil.chown(data, "postfix")
+    check = subprocess.run(["postfix", "-c", conf, "check"], capture_output=True, text=True, timeout=60)
+    if check.returncode != 0:
+        shutil.rmtree(base, ignore_errors=True)
+        pytest.skip("postfix check failed: %s" % check.stderr.strip()[-200:])
+    master = subprocess.Popen([os.path.join(daemon_dir, "master"), "-c", conf, "-s"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        def banner():
+            try:
+                with Raw(port, greeting=False) as client:
+                    return client.read_reply()[0] == 220
+            except OSError:
+                return False
+        if not wait_for(banner, timeout=30, interval=0.1):
+            pytest.skip("the private Postfix did not start")
+        yield port, os.path.join(maildir, "inbox", "new")
+    finally:
+        master.terminate()
+        try:
+            master.wait(20)
+        except subprocess.TimeoutExpired:
+            os.killpg(master.pid, signal.SIGKILL)
+            master.wait(5)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_relay_into_real_postfix(make_server, postfix_server):
+    port, inbox = postfix_server
+    app = make_server(smarthost=("127.0.0.1", port), users=(RELAY_USER,), retry_delay=0.2)
+    long_line = b"x" * 1500
+    send_authenticated(app, ["someone@postfix.test"],
+                       b"Subject: via postfix\r\n\r\n.dot line\r\n" + long_line + b"\r\nend\r\n")
+    files = wait_for(lambda: os.path.isdir(inbox) and os.listdir(inbox), timeout=60)
+    assert files, "Postfix delivered nothing"
+    with open(os.path.join(inbox, files[0]), "rb") as file:
+        stored = file.read()
+    assert b"Subject: via postfix\n" in stored and b"\n.dot line\n" in stored
+    assert b"by mx.example.test (minimail)" in stored
+    assert b"x" * 998 + b"\n " + b"x" * 502 + b"\n" in stored
+    assert wait_for(lambda: queue_empty(app))
