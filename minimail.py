@@ -2018,6 +2018,7 @@ class WebRequests:
     """
 
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"    # errors always carry a status line (no HTTP/0.9)
     server_version = "minimail/" + __version__
     sys_version = ""
     max_body_bytes = 1 << 20            # PUT and DELETE bodies
@@ -2075,7 +2076,8 @@ class WebRequests:
         log.info("%s http %s", self.sid, format % args)
 
     def log_request(self, code="-", size="-"):
-        log.info("%s http %s %s %s", self.sid, self.command, self.path[:200], code)
+        log.info("%s http %s %s %s", self.sid, getattr(self, "command", None),
+                 getattr(self, "path", "")[:200], code)
 
     def do_GET(self):
         self.serve()
