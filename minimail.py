@@ -333,7 +333,7 @@ class MessageIds:
 
 def message_id_of(filename: str) -> str:
     """The message ID (SPEC 3): a Maildir file name up to its first ',' or ':'."""
-    return re.split(r"[,:]", filename, 1)[0]
+    return re.split(r"[,:]", filename, maxsplit=1)[0]
 
 
 def fsync_dir(path: str) -> None:
@@ -2020,7 +2020,6 @@ class WebRequests:
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"    # errors always carry a status line (no HTTP/0.9)
     server_version = "minimail/" + __version__
-    sys_version = ""
     max_body_bytes = 1 << 20            # PUT and DELETE bodies
     sse_keepalive_s = 15.0              # a comment line keeps idle event streams open
     wait_default_s = 30.0               # SPEC 8: /api/v1/wait
@@ -2071,6 +2070,9 @@ class WebRequests:
             super().handle()
         except OSError as exc:
             log.info("%s http connection lost: %s", self.sid, exc.__class__.__name__)
+
+    def version_string(self):
+        return self.server_version
 
     def log_message(self, format, *args):      # http.server's name and signature
         log.info("%s http %s", self.sid, format % args)
@@ -2307,9 +2309,14 @@ class WebRequests:
             return "/api/v1/message/%s/part/%s" % (urllib.parse.quote(entry.id), urllib.parse.quote(part_id))
         markup = '<base target="_blank">' + CID_RE.sub(local, fields["HTML"])
         remote = " https: http:" if self.query.get("remote") == "1" else ""
+        # The sandbox makes this document's origin opaque, so 'self' would not match the
+        # page that frames it: name the page's origin instead.
+        host = self.headers.get("Host", "")
+        ancestor = "http://" + host if re.fullmatch(r"[A-Za-z0-9.\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", host) \
+            else "'none'"
         csp = ("sandbox allow-popups allow-popups-to-escape-sandbox; default-src 'none'; "
                "img-src 'self' data:%s; style-src 'unsafe-inline'%s; font-src data:%s; "
-               "frame-ancestors 'self'; form-action 'none'" % (remote, remote, remote))
+               "frame-ancestors %s; form-action 'none'" % (remote, remote, remote, ancestor))
         self.send(200, markup, "text/html; charset=utf-8", csp=csp)
 
     def web_health(self) -> None:
@@ -2433,12 +2440,14 @@ class WebRequests:
 
     def web_mailboxes(self) -> None:
         """Beyond Mailpit: each mailbox with its total and unread counts, for the page."""
+        entries = self.entries()
         counts = {}
-        for entry in self.entries():
+        for entry in entries:
             for copy in entry.copies:
                 total, unread = counts.get(copy.mailbox, (0, 0))
                 counts[copy.mailbox] = (total + 1, unread + ("S" not in copy.flags))
-        self.send_json({"mailboxes": [{"Name": name, "Total": total, "Unread": unread}
+        self.send_json({"total": len(entries), "unread": sum(1 for entry in entries if not entry.read),
+                        "mailboxes": [{"Name": name, "Total": total, "Unread": unread}
                                       for name, (total, unread) in sorted(counts.items())]})
 
     def web_wait(self) -> None:
@@ -2589,7 +2598,8 @@ nav .count b { color: var(--accent); }
   background: var(--accent); margin-right: 6px; vertical-align: middle; }
 .row .date, .row .size { color: var(--muted); font-size: 12px; text-align: right; white-space: nowrap; }
 .row .snippet, .row .to { color: var(--muted); font-size: 12px; grid-column: 1 / 3; }
-.clip::after { content: " \1F4CE"; }
+.badge { font-size: 11px; font-weight: 400; color: var(--muted); border: 1px solid var(--line);
+  border-radius: 8px; padding: 0 6px; margin-left: 6px; vertical-align: 1px; }
 .empty { padding: 40px 20px; text-align: center; color: var(--muted); }
 main { overflow: hidden; display: flex; flex-direction: column; min-height: 0; min-width: 0; }
 #view { display: flex; flex-direction: column; height: 100%; min-height: 0; }
@@ -2607,8 +2617,9 @@ main { overflow: hidden; display: flex; flex-direction: column; min-height: 0; m
 .atts a { font-size: 12px; padding: 3px 8px; border: 1px solid var(--line); border-radius: 12px; color: inherit;
   text-decoration: none; background: var(--bg); }
 .atts a:hover { border-color: var(--accent); }
-.body { flex: 1; min-height: 0; overflow: auto; }
-.body iframe { width: 100%; height: 100%; border: 0; display: block; background: #fff; }
+.body { flex: 1 1 auto; min-height: 0; overflow: auto; display: flex; flex-direction: column; }
+.body > * { flex: none; }
+.body > iframe { flex: 1 1 auto; width: 100%; min-height: 320px; border: 0; display: block; background: #fff; }
 .body pre { margin: 0; padding: 14px 18px; white-space: pre-wrap; word-break: break-word;
   font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
 .body table { border-collapse: collapse; margin: 10px 18px; font-size: 12px; }
@@ -2683,8 +2694,7 @@ function loadBoxes() {
   return api("/api/v1/mailboxes").then((r) => r.json()).then((data) => {
     const nav = $("boxes");
     nav.replaceChildren();
-    let total = 0, unread = 0;
-    data.mailboxes.forEach((box) => { total += box.Total; unread += box.Unread; });
+    const total = data.total, unread = data.unread;
     const entry = (name, label, count, fresh) => {
       const link = el("a", name === state.box ? "current" : "");
       link.append(el("span", "", label));
@@ -2724,7 +2734,8 @@ function renderList() {
     row.dataset.id = message.ID;
     row.append(el("div", "from", short(message.From) || "(no sender)"));
     row.append(el("div", "date", when(message.Created)));
-    const subject = el("div", "subject" + (message.Attachments ? " clip" : ""), message.Subject || "(no subject)");
+    const subject = el("div", "subject", message.Subject || "(no subject)");
+    if (message.Attachments) subject.append(el("span", "badge", message.Attachments > 1 ? message.Attachments + " files" : "1 file"));
     row.append(subject);
     row.append(el("div", "size", size(message.Size)));
     row.append(el("div", "to", "To: " + ((message.To || []).map(short).join(", ") || message.Mailboxes.join(", "))));
