@@ -1627,6 +1627,16 @@ class MessageIndex:
             self.closed = True
             self.changed.notify_all()
 
+    def warm(self) -> None:
+        """Parse every summary once, newest first, so the first search needs no parsing."""
+        try:
+            for entry in self.scan()[0]:
+                if self.closed:
+                    return
+                self.parsed(entry)
+        except OSError as exc:
+            log.warning("http index warm-up stopped: %s", exc)
+
     # Reading and changing messages.
     def read(self, entry: MailEntry) -> Optional[tuple]:
         """(StoredMessage, bytes) of the first copy still on disk, or None."""
@@ -2951,6 +2961,10 @@ class App:
         for name, server in self.servers.items():
             thread = threading.Thread(target=server.serve_forever, name=name,
                                       kwargs={"poll_interval": 0.2}, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        if self.mail_index is not None:
+            thread = threading.Thread(target=self.mail_index.warm, name="http-index", daemon=True)
             thread.start()
             self.threads.append(thread)
 

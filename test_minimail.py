@@ -1854,7 +1854,13 @@ def test_http_bad_requests_get_one_error(web, request_bytes, status):
     assert len(stored_files(web, "user@example.test")) == 1
 
 
+def warmed_up(app):
+    """True once the index's background warm-up thread has finished."""
+    return not any(thread.name == "http-index" and thread.is_alive() for thread in app.threads)
+
+
 def test_http_list_parses_only_the_page(web):
+    assert wait_for(lambda: warmed_up(web), timeout=10)       # it found an empty maildir
     box = os.path.join(web.maildir.root, "many@example.test")
     for sub in ("tmp", "new", "cur"):
         os.makedirs(os.path.join(box, sub))
@@ -1881,3 +1887,14 @@ def test_http_cli_option_and_lazy_import(tmp_path):
             "app.start(); app.stop(); print('http.server' in sys.modules)" % str(tmp_path / "m"))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=HERE)
     assert result.stdout.strip() == "False", result.stderr
+
+
+def test_http_index_warms_up_in_the_background(tmp_path):
+    box = tmp_path / "maildir" / "old@example.test"
+    for sub in ("tmp", "new", "cur"):
+        (box / sub).mkdir(parents=True)
+    for number in range(30):
+        (box / "new" / ("%d.M000000P1Q%d.host" % (1700000000 + number, number))).write_bytes(b"Subject: s\n\nx\n")
+    with running(base_config(tmp_path, http=("127.0.0.1", 0))) as app:
+        assert wait_for(lambda: warmed_up(app), timeout=10)
+        assert len(app.mail_index.summaries) == 30
