@@ -2504,7 +2504,7 @@ class WebRequests:
         seen = self.index.notices
         while not self.index.closed:
             seen = self.index.wait_for_change(seen, self.index.scan_interval_s)
-            self.index.scan()
+            by_id = self.index.scan()[1]
             out = []
             deleted = []
             for seq, kind, message_id, mailboxes in self.index.events_after(seq):
@@ -2516,7 +2516,7 @@ class WebRequests:
                 if deleted:
                     out.append(_sse("delete", {"IDs": deleted}))
                     deleted = []
-                entry = scoped(self.index.scan()[1].get(message_id), self.scope)
+                entry = scoped(by_id.get(message_id), self.scope)
                 summary = self.index.summary(entry) if entry is not None else None
                 if summary is not None:
                     out.append(_sse("new", summary))
