@@ -10,7 +10,8 @@ Implements SMTP (RFC 5321) with ESMTP extensions PIPELINING (RFC 2920), SIZE
 (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES
 (RFC 2034, 3463), CHUNKING (RFC 3030), STARTTLS (RFC 3207) and AUTH PLAIN/LOGIN
 (RFC 4954, 4616), submission (RFC 6409), Maildir delivery, and the Received
-protocol names of RFC 3848.
+protocol names of RFC 3848, and an HTTP page and JSON API compatible with Mailpit's
+API v1 (HTTP/1.1, RFC 9110/9112; server-sent events; HTTP Basic, RFC 7617).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import argparse
 import base64
 import binascii
 import dataclasses
+import datetime
 import errno
 import fcntl
 import ipaddress
@@ -37,7 +39,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from functools import cached_property
+from functools import cached_property, lru_cache
 from typing import Optional
 
 __version__ = "0.1.0"
@@ -118,6 +120,7 @@ class Config:
     maildir: str = "maildir"
     smtp: Optional[tuple[str, int]] = None          # listener addresses: None is off
     submission: Optional[tuple[str, int]] = None
+    http: Optional[tuple[str, int]] = None
     hostname: str = "localhost"
     users: tuple[tuple[str, str], ...] = ()         # (address, password)
     relay_from: tuple[str, ...] = ()                # CIDR networks that may relay
@@ -135,6 +138,7 @@ class Config:
     queue_lifetime: float = 5 * 86400.0             # then a queued message is bounced
     relay_workers: int = 4                          # deliveries at the same time
     loopback_networks: tuple[str, ...] = LOOPBACK_NETWORKS   # tests narrow this
+    http_scan_interval: float = 1.0                 # seconds between maildir scans while waiting
 
     @cached_property
     def accounts(self) -> dict:
@@ -441,6 +445,25 @@ class Maildir:
         if path != message.path:
             os.rename(message.path, path)
         return StoredMessage(message.mailbox, "cur", name, path)
+
+    def follow(self, message: StoredMessage, action):
+        """Return action(message), following the file if another session renamed it meanwhile.
+
+        A file may move between new/ and cur/ or change flags at any time; on
+        FileNotFoundError the message is found again by ID and action is retried. The
+        result is None when the message is gone.
+        """
+        while message is not None:
+            try:
+                return action(message)
+            except FileNotFoundError:
+                found = self.find(message.mailbox, message.id)
+                message = found if found is not None and found.path != message.path else None
+        return None
+
+    def remove(self, message: StoredMessage) -> bool:
+        """Delete a message's file wherever it moved; False if it was already gone."""
+        return self.follow(message, lambda current: os.unlink(current.path) or True) is not None
 
     def ensure(self, mailbox: str) -> str:
         """Create a mailbox's folders (durably) if needed; return its path."""
@@ -1486,6 +1509,7 @@ class SMTPHandler(LineHandler):
             raise Reply(451, "4.3.0", "Local storage error, try again later") from None
         log.info("%s accept id=%s from=<%s> rcpts=%s size=%d", self.sid, writer.message_id,
                  envelope.sender, ",".join(envelope.recipients), writer.size)
+        self.app.notify_new(writer.message_id, envelope.mailboxes, writer.size)
         self.reply(250, "2.0.0", "Ok: queued as %s" % writer.message_id)
 
     def smtp_BDAT(self, arg: bytes) -> None:
@@ -2137,6 +2161,1475 @@ class Relay:
         return head.replace(b"\n", b"\r\n")
 
 
+# --- HTTP server ----------------------------------------------------------------
+
+HTTP_SNIPPET_CHARS = 250            # Mailpit's summary snippet length
+HTTP_SEARCH_TEXT_CHARS = 16384      # body text kept per message for plain-word search
+HTTP_PARSE_LIMIT = 64 * 1024 * 1024     # bytes of one message file the web page reads
+HTTP_EVENT_LOG = 1000               # recent new/delete events kept for event streams
+HTTP_RECENT_DIR_S = 2.0             # a folder changed this recently is listed again (mtime ticks)
+ID_TIME_RE = re.compile(r"(\d{9,11})\.(?:M(\d{1,6}))?")    # Maildir names start with the time
+SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s?(k|kb|m|mb)?")
+CID_RE = re.compile(r"""\bcid:([^"'\s<>()]+)""", re.I)
+HTML_TOKEN_RE = re.compile(r"<(/?)([A-Za-z][A-Za-z0-9]*)?[^<>]*>?|[^<]+")
+HTML_BREAK_TAGS = frozenset(("br", "p", "div", "tr", "li", "h1", "h2", "h3", "h4", "h5", "h6",
+                             "table", "blockquote", "pre", "hr"))
+HTTP_UNSAFE_INLINE = frozenset(("text/html", "text/xml", "application/xhtml+xml", "image/svg+xml",
+                                "application/xml", "text/xsl"))     # never shown inline (Mailpit)
+HTTP_API_CSP = "default-src 'none'; sandbox; frame-ancestors 'none'"
+
+
+@dataclass
+class MailEntry:
+    """One message ID with its copies (one per mailbox), as the web page lists it."""
+    id: str
+    created: float              # time received: from the ID, else the file's mtime
+    copies: tuple               # StoredMessage, one per mailbox holding the message
+
+    @property
+    def read(self) -> bool:
+        """Read when every copy has the Maildir S flag."""
+        return all("S" in copy.flags for copy in self.copies)
+
+    @property
+    def mailboxes(self) -> list:
+        return [copy.mailbox for copy in self.copies]
+
+    def sort_key(self) -> tuple:
+        return (self.created, self.id)
+
+
+def scoped(entry: MailEntry, scope) -> Optional[MailEntry]:
+    """The entry limited to the mailboxes in scope (None: every mailbox); None if none."""
+    if scope is None or entry is None:
+        return entry
+    copies = tuple(copy for copy in entry.copies if copy.mailbox in scope)
+    if len(copies) == len(entry.copies):
+        return entry
+    return MailEntry(entry.id, entry.created, copies) if copies else None
+
+
+class MessageIndex:
+    """Every message ID of the maildirs, newest first, for the web page and the API.
+
+    The maildirs stay the only source of truth; this is a cache rebuilt from them. A scan
+    stats each mailbox's new/ and cur/ and lists a folder again only when its mtime changed
+    (or changed so recently that a later change could share the timestamp), so a request
+    over 10,000 messages costs a few system calls. A message is parsed once, when its
+    summary is first needed. Deliveries in this process wake waiters at once through
+    notify_new(); mail written by other processes is seen by the next scan, which waiters
+    run every scan_interval_s.
+    """
+
+    def __init__(self, maildir: Maildir, scan_interval_s: float):
+        self.maildir = maildir
+        self.scan_interval_s = scan_interval_s
+        self.lock = threading.Lock()            # one scan at a time; guards the fields below
+        self.folders = {}           # mailbox -> ((new mtime, cur mtime), [StoredMessage])
+        self.entries = []           # MailEntry, newest first
+        self.by_id = {}
+        self.summaries = {}         # message ID -> parsed summary fields (parsed once)
+        self.created = {}           # message ID -> mtime, for names without a time
+        self.events = []            # (seq, "new" or "delete", ID, frozenset of mailboxes)
+        self.seq = 0
+        self.scanned = False
+        self.changed = threading.Condition()    # new mail, deletions, close
+        self.notices = 0
+        self.closed = False
+        self.started = time.monotonic()
+        self.stats = {"MessagesDeleted": 0, "SMTPAccepted": 0, "SMTPAcceptedSize": 0}
+
+    def scan(self) -> tuple:
+        """Bring the index up to date with the disk; return (entries newest first, by_id)."""
+        with self.lock:
+            mailboxes = self.maildir.mailboxes()
+            changed = not self.scanned
+            for mailbox in set(self.folders) - set(mailboxes):
+                del self.folders[mailbox]
+                changed = True
+            now = time.time()
+            for mailbox in mailboxes:
+                stamps = self._folder_stamps(mailbox, now)
+                cached = self.folders.get(mailbox)
+                if cached is not None and stamps is not None and cached[0] == stamps:
+                    continue
+                messages = self.maildir.messages(mailbox)
+                if cached is None or [m.name for m in cached[1]] != [m.name for m in messages]:
+                    changed = True
+                self.folders[mailbox] = (stamps, messages)
+            if changed:
+                self._rebuild()
+            return self.entries, self.by_id
+
+    def _folder_stamps(self, mailbox: str, now: float) -> Optional[tuple]:
+        """The mtimes of new/ and cur/, or None when one is too recent to trust."""
+        stamps = []
+        for folder in ("new", "cur"):
+            try:
+                mtime = os.stat(os.path.join(self.maildir.path(mailbox), folder)).st_mtime
+            except FileNotFoundError:
+                mtime = -1.0
+            if now - mtime < HTTP_RECENT_DIR_S:
+                return None
+            stamps.append(mtime)
+        return tuple(stamps)
+
+    def _rebuild(self) -> None:
+        """Group the listed files by ID, sort newest first and log what came and went."""
+        copies = {}
+        for mailbox in sorted(self.folders):
+            for message in self.folders[mailbox][1]:
+                copies.setdefault(message.id, []).append(message)
+        entries = [MailEntry(message_id, self._created(message_id, found[0]), tuple(found))
+                   for message_id, found in copies.items()]
+        entries.sort(key=MailEntry.sort_key, reverse=True)
+        by_id = {entry.id: entry for entry in entries}
+        logged = self.seq
+        if self.scanned:
+            for entry in reversed(entries):
+                if entry.id not in self.by_id:
+                    self._log_event("new", entry.id, entry.mailboxes)
+            for message_id, entry in self.by_id.items():
+                if message_id not in by_id:
+                    self._log_event("delete", message_id, entry.mailboxes)
+        for cache in (self.summaries, self.created):
+            for message_id in [key for key in cache if key not in by_id]:
+                del cache[message_id]
+        self.entries, self.by_id, self.scanned = entries, by_id, True
+        if self.seq != logged:
+            self.poke()
+
+    def _created(self, message_id: str, message: StoredMessage) -> float:
+        match = ID_TIME_RE.match(message_id)
+        if match:
+            return int(match.group(1)) + int(match.group(2) or 0) / 1e6
+        if message_id not in self.created:
+            try:
+                self.created[message_id] = os.stat(message.path).st_mtime
+            except OSError:
+                self.created[message_id] = time.time()
+        return self.created[message_id]
+
+    def _log_event(self, kind: str, message_id: str, mailboxes: list) -> None:
+        self.seq += 1
+        self.events.append((self.seq, kind, message_id, frozenset(mailboxes)))
+        del self.events[:-HTTP_EVENT_LOG]
+
+    def events_after(self, seq: int) -> list:
+        with self.lock:
+            return [event for event in self.events if event[0] > seq]
+
+    # Waking waiters: a counter of notices under a condition, so no wake-up is lost.
+    def poke(self) -> None:
+        with self.changed:
+            self.notices += 1
+            self.changed.notify_all()
+
+    def notify_new(self, message_id: str, mailboxes: list, size: int) -> None:
+        """Count a delivery of this process and wake the waiters."""
+        with self.changed:
+            self.stats["SMTPAccepted"] += 1
+            self.stats["SMTPAcceptedSize"] += size
+        self.poke()
+
+    def wait_for_change(self, seen: int, timeout_s: float) -> int:
+        """Wait until a notice newer than seen, close, or the timeout; return the latest notice."""
+        with self.changed:
+            if self.notices == seen and not self.closed:
+                self.changed.wait(max(0.0, timeout_s))
+            return self.notices
+
+    def close(self) -> None:
+        with self.changed:
+            self.closed = True
+            self.changed.notify_all()
+
+    def warm(self) -> None:
+        """Parse every summary once, newest first, so the first search needs no parsing."""
+        try:
+            for entry in self.scan()[0]:
+                if self.closed:
+                    return
+                self.parsed(entry)
+        except OSError as exc:
+            log.warning("http index warm-up stopped: %s", exc)
+
+    # Reading and changing messages.
+    def read(self, entry: MailEntry) -> Optional[tuple]:
+        """(StoredMessage, bytes) of the first copy still on disk, or None."""
+        def read_file(current):
+            with open(current.path, "rb") as file:
+                return current, file.read(HTTP_PARSE_LIMIT)
+        for copy in entry.copies:
+            found = self.maildir.follow(copy, read_file)
+            if found is not None:
+                return found
+        return None
+
+    def parsed(self, entry: MailEntry) -> Optional[dict]:
+        """The summary fields of a message, parsed once; None if its files are gone."""
+        fields = self.summaries.get(entry.id)
+        if fields is None:
+            loaded = self.read(entry)
+            if loaded is None:
+                return None
+            try:
+                fields = summary_fields(parse_message(loaded[1]))
+            except (LookupError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+                log.error("http cannot parse message %s: %s", entry.id, exc.__class__.__name__)
+                log.debug("traceback", exc_info=True)
+                fields = summary_fields(parse_message(b"Subject: (unparsable message)\n\n"))
+                fields["Size"] = len(loaded[1])
+            self.summaries[entry.id] = fields
+        return fields
+
+    def summary(self, entry: MailEntry) -> Optional[dict]:
+        """Mailpit's MessageSummary of an entry, plus its Mailboxes; None if it is gone."""
+        fields = self.parsed(entry)
+        if fields is None:
+            return None
+        summary = {"ID": entry.id, "MessageID": fields["MessageID"], "Read": entry.read}
+        summary.update((key, fields[key]) for key in ("From", "To", "Cc", "Bcc", "ReplyTo", "Subject"))
+        summary["Bcc"] = fields["Bcc"] + envelope_only(fields, entry.mailboxes)
+        summary.update(Created=rfc3339(entry.created), Username="", Tags=[], Size=fields["Size"],
+                       Attachments=fields["Attachments"], Snippet=fields["Snippet"],
+                       Mailboxes=entry.mailboxes)
+        return summary
+
+    def set_read(self, entries: list, read: bool) -> None:
+        """Add or remove the S flag on every copy of the entries."""
+        def change(current):
+            flags = current.flags.replace("S", "") + ("S" if read else "")
+            if sorted(flags) != sorted(current.flags) or current.folder != "cur":
+                self.maildir.set_flags(current, flags)
+            return True
+        for entry in entries:
+            for copy in entry.copies:
+                self.maildir.follow(copy, change)
+
+    def delete(self, entries: list) -> int:
+        """Remove every copy of the entries from disk; return how many messages went."""
+        count = 0
+        for entry in entries:
+            removed = [self.maildir.remove(copy) for copy in entry.copies]
+            count += any(removed)
+        with self.changed:
+            self.stats["MessagesDeleted"] += count
+        self.poke()
+        return count
+
+
+def rfc3339(when) -> str:
+    """An RFC 3339 time with milliseconds and a numeric offset (+00:00 for a timestamp)."""
+    if not isinstance(when, datetime.datetime):
+        when = datetime.datetime.fromtimestamp(when, datetime.timezone.utc)
+    return when.isoformat(timespec="milliseconds")
+
+
+def envelope_only(fields: dict, mailboxes: list) -> list:
+    """Mailboxes that got a copy without being in To, Cc or Bcc: blind copies, as Mailpit shows them."""
+    named = {address["Address"].lower() for key in ("To", "Cc", "Bcc") for address in fields[key]}
+    return [{"Name": "", "Address": mailbox} for mailbox in mailboxes if mailbox not in named]
+
+
+# Message parsing. The email package is imported only here, by the web page's requests.
+
+def _clean_text(text: str) -> str:
+    """Turn undecodable bytes kept as surrogates back into text (UTF-8, else replaced)."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _unfold(value: str) -> str:
+    """A header value on one line (RFC 5322 2.2.3), as Go's textproto returns it."""
+    return re.sub(r"\r?\n[ \t]*", " ", value).strip()
+
+
+def decode_bytes(data: bytes, charset: Optional[str]) -> str:
+    """Decode text in its declared charset; unknown or wrong charsets fall back to UTF-8, then Latin-1."""
+    for candidate in (charset, "utf-8"):
+        if candidate:
+            try:
+                return data.decode(candidate)
+            except (LookupError, UnicodeDecodeError):
+                pass
+    return data.decode("latin-1")
+
+
+def decode_header_text(value: str) -> str:
+    """A header value as text: unfolded, RFC 2047 encoded words decoded, never an exception."""
+    import email.errors
+    import email.header
+    value = _unfold(value)
+    try:
+        chunks = email.header.decode_header(value)
+    except (email.errors.HeaderParseError, ValueError, LookupError):
+        return _clean_text(value)
+    text = []
+    for data, charset in chunks:
+        if isinstance(data, str):
+            text.append(_clean_text(data))
+        elif charset is None:
+            text.append(_clean_text(data.decode("raw-unicode-escape")))
+        else:
+            text.append(decode_bytes(data, charset))
+    return "".join(text)
+
+
+def parse_addresses(values: list) -> list:
+    """Mailpit's [{"Name", "Address"}] list of address headers (empty entries dropped)."""
+    import email.utils
+    found = []
+    for name, address in email.utils.getaddresses([_unfold(value) for value in values]):
+        if name or address:
+            found.append({"Name": decode_header_text(name), "Address": _clean_text(address)})
+    return found
+
+
+def parse_date(value: Optional[str]) -> Optional[datetime.datetime]:
+    """The Date header as an aware datetime (no zone means UTC), or None when unparsable."""
+    import email.utils
+    if not value:
+        return None
+    try:
+        when = email.utils.parsedate_to_datetime(_unfold(value))
+    except (TypeError, ValueError, IndexError, OverflowError):
+        return None
+    if when is None:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=datetime.timezone.utc)
+
+
+def html_to_text(markup: str) -> str:
+    """Plain text of an HTML part (for Text and Snippet when a message has no text part).
+
+    One linear pass over the tags, so hostile markup costs no more than its length.
+    """
+    import html
+    out = []
+    skipping = None
+    for match in HTML_TOKEN_RE.finditer(markup[:HTTP_PARSE_LIMIT // 8]):
+        token = match.group(0)
+        if not token.startswith("<"):
+            if skipping is None:
+                out.append(token)
+            continue
+        tag = (match.group(2) or "").lower()
+        if skipping is not None:
+            if match.group(1) and tag == skipping:
+                skipping = None
+            continue
+        if tag in ("script", "style", "head", "title") and not match.group(1):
+            skipping = tag
+        elif tag in HTML_BREAK_TAGS:
+            out.append("\n")
+    text = html.unescape("".join(out))
+    lines = (" ".join(line.split()) for line in text.splitlines())
+    return re.sub(r"\n{3,}", "\n\n", "\n".join(lines)).strip()
+
+
+@lru_cache(maxsize=None)
+def _raw_policy():
+    """A compat32 policy that returns header values exactly as stored (decoded by minimail)."""
+    import email.policy
+
+    class RawHeaders(email.policy.Compat32):
+        def header_fetch_parse(self, name, value):
+            return value
+    return RawHeaders()
+
+
+def _leaf_parts(part, path: tuple = (), related: bool = False):
+    """Yield (PartID, part, inside multipart/related) for every leaf, PartIDs like 1.2."""
+    if part.get_content_maintype() == "multipart" and part.is_multipart():
+        inner = part.get_content_subtype() == "related"
+        for number, child in enumerate(part.get_payload(), 1):
+            yield from _leaf_parts(child, path + (number,), inner)
+    else:
+        yield ".".join(map(str, path)) or "1", part, related
+
+
+def _part_content(part) -> bytes:
+    """The decoded content of a leaf part; an attached message is returned whole."""
+    if part.is_multipart():             # message/rfc822 and friends
+        try:
+            return b"".join(bytes(inner) for inner in part.get_payload())
+        except (TypeError, ValueError, LookupError, UnicodeError):
+            return b""
+    payload = part.get_payload(decode=True)
+    return payload if isinstance(payload, bytes) else b""
+
+
+def parse_message(data: bytes) -> dict:
+    """Parse a stored message into Mailpit's Message fields, plus its leaf parts by PartID.
+
+    Malformed MIME never raises: the email package records defects and carries on, and
+    every decoding step falls back to replacement characters.
+    """
+    import email
+    import hashlib      # attachment checksums; loads OpenSSL, so only the web view pays
+    message = email.message_from_bytes(data, policy=_raw_policy())
+    header = message.get
+    fields = {
+        "MessageID": _unfold(header("Message-ID", "")).strip("<>"),
+        "Subject": decode_header_text(header("Subject", "")),
+        "ReturnPath": _unfold(header("Return-Path", "")).strip("<>"),
+        "Size": len(data),
+    }
+    addresses = {key: parse_addresses(message.get_all(name, []))
+                 for key, name in (("From", "From"), ("To", "To"), ("Cc", "Cc"), ("Bcc", "Bcc"),
+                                   ("ReplyTo", "Reply-To"))}
+    fields.update(addresses, From=(addresses["From"] or [None])[0], Date=parse_date(header("Date")))
+    unsubscribe = _clean_text(_unfold(header("List-Unsubscribe", "")))
+    fields["ListUnsubscribe"] = {
+        "Header": unsubscribe, "Links": re.findall(r"<([^<>]+)>", unsubscribe), "Errors": "",
+        "HeaderPost": _clean_text(_unfold(header("List-Unsubscribe-Post", "")))}
+    text = html = None
+    attachments, inline, parts = [], [], {}
+    for part_id, part, related in _leaf_parts(message):
+        content_type = part.get_content_type()
+        if content_type.startswith("multipart/"):       # no boundary: shown as text
+            content_type = "text/plain"
+        disposition = part.get_content_disposition()
+        filename = decode_header_text(part.get_filename() or "")
+        content = _part_content(part)
+        parts[part_id] = (content_type, filename, content)
+        if disposition != "attachment" and not filename and content_type in ("text/plain", "text/html"):
+            body = decode_bytes(content, part.get_content_charset())
+            if content_type == "text/plain" and text is None:
+                text = body
+                continue
+            if content_type == "text/html" and html is None:
+                html = body
+                continue
+        content_id = _unfold(part.get("Content-ID", "")).strip("<>")
+        described = {"PartID": part_id, "FileName": filename, "ContentType": content_type,
+                     "ContentID": _clean_text(content_id), "Size": len(content),
+                     "Checksums": {"MD5": hashlib.md5(content).hexdigest(),
+                                   "SHA1": hashlib.sha1(content).hexdigest(),
+                                   "SHA256": hashlib.sha256(content).hexdigest()}}
+        if disposition != "attachment" and (disposition == "inline" or (related and content_id)):
+            inline.append(described)
+        else:
+            attachments.append(described)
+    fields.update(Text=text if text is not None else html_to_text(html or ""), HTML=html or "",
+                  Inline=inline, Attachments=attachments, Headers=message.items(), Parts=parts)
+    return fields
+
+
+def summary_fields(fields: dict) -> dict:
+    """The part of a parsed message the list and search need, kept in the index."""
+    kept = {key: fields[key] for key in ("MessageID", "From", "To", "Cc", "Bcc", "ReplyTo",
+                                         "Subject", "Size")}
+    kept["Attachments"] = len(fields["Attachments"])
+    kept["Inline"] = len(fields["Inline"])
+    kept["Snippet"] = " ".join(fields["Text"][:HTTP_SNIPPET_CHARS * 4].split())[:HTTP_SNIPPET_CHARS]
+
+    def names(*keys):
+        found = [fields[key] for key in keys if key == "From"] + [
+            address for key in keys if key != "From" for address in fields[key]]
+        return " ".join("%s %s" % (item["Name"], item["Address"]) for item in found if item).lower()
+    kept["search"] = {
+        "from": names("From"), "to": names("To"), "cc": names("Cc"), "bcc": names("Bcc"),
+        "reply-to": names("ReplyTo"), "subject": fields["Subject"].lower(),
+        "message-id": fields["MessageID"].lower(),
+        "text": " ".join([names("From", "To", "Cc", "Bcc", "ReplyTo"), fields["Subject"],
+                          fields["MessageID"], fields["Text"][:HTTP_SEARCH_TEXT_CHARS]]
+                         + [item["FileName"] for item in fields["Attachments"]]).lower(),
+    }
+    return kept
+
+
+# Search, with Mailpit's syntax: words and "quoted phrases" (all must match), prefixes
+# from: to: cc: bcc: reply-to: addressed: subject: message-id: mailbox:, is:read, is:unread,
+# has:attachment, has:inline, larger:SIZE, smaller:SIZE; a leading - or ! negates a term.
+SEARCH_PREFIXES = ("from:", "to:", "cc:", "bcc:", "reply-to:", "addressed:", "subject:",
+                   "message-id:", "mailbox:", "larger:", "smaller:")
+
+
+def _search_tokens(query: str) -> list:
+    """Split a query on spaces outside double quotes, dropping the quotes (Mailpit's ArgsParser)."""
+    tokens, current, quoted = [], [], False
+    for char in query:
+        if char == '"':
+            quoted = not quoted
+        elif char.isspace() and not quoted:
+            if current:
+                tokens.append("".join(current))
+                current = []
+        else:
+            current.append(char)
+    if current:
+        tokens.append("".join(current))
+    return tokens
+
+
+def parse_search(query: str) -> list:
+    """Compile a search into a list of (negated, kind, value) terms."""
+    terms = []
+    for token in _search_tokens(query):
+        negated = len(token) > 1 and token[0] in "-!"
+        if negated:
+            token = token[1:]
+        lowered = token.lower()
+        prefix = next((p for p in SEARCH_PREFIXES if lowered.startswith(p)), None)
+        if prefix in ("larger:", "smaller:"):
+            match = SIZE_RE.fullmatch(lowered[len(prefix):].strip())
+            if match:
+                unit = {"k": 1024, "kb": 1024, "m": 1 << 20, "mb": 1 << 20}.get(match.group(2), 1)
+                terms.append((negated, prefix, float(match.group(1)) * unit))
+                continue
+            prefix = None
+        if prefix is not None:
+            if lowered[len(prefix):].strip():
+                terms.append((negated, prefix, lowered[len(prefix):].strip()))
+        elif lowered in ("is:read", "is:unread", "has:attachment", "has:attachments",
+                         "has:inline", "has:inlines"):
+            terms.append((negated, lowered.rstrip("s") if lowered.startswith("has:") else lowered, None))
+        elif lowered.strip():
+            terms.append((negated, "text", lowered))
+    return terms
+
+
+def search_matches(terms: list, entry: MailEntry, index: MessageIndex) -> bool:
+    """True when the entry meets every term; messages are parsed only when a term needs it."""
+    for negated, kind, value in terms:
+        if kind in ("is:read", "is:unread"):
+            hit = entry.read == (kind == "is:read")
+        elif kind == "mailbox:":
+            hit = any(value in mailbox for mailbox in entry.mailboxes)
+        else:
+            fields = index.parsed(entry)
+            if fields is None:
+                return False
+            search = fields["search"]
+            if kind == "has:attachment":
+                hit = fields["Attachments"] > 0
+            elif kind == "has:inline":
+                hit = fields["Inline"] > 0
+            elif kind == "larger:":
+                hit = fields["Size"] > value
+            elif kind == "smaller:":
+                hit = fields["Size"] < value
+            elif kind == "to:":         # envelope recipients count too: mail often lacks To:
+                hit = value in search["to"] or any(value in m for m in entry.mailboxes)
+            elif kind == "addressed:":
+                hit = any(value in search[key] for key in ("from", "to", "cc", "bcc", "reply-to")) \
+                    or any(value in mailbox for mailbox in entry.mailboxes)
+            else:
+                hit = value in search[kind.rstrip(":")]
+        if hit == negated:
+            return False
+    return True
+
+
+def _http_error(status: int, text: str, **headers) -> Reply:
+    reply = Reply(status, "", text)
+    reply.headers = [(name.replace("_", "-"), value) for name, value in headers.items()]
+    return reply
+
+
+def _canonical_header(name: str) -> str:
+    """Go's CanonicalMIMEHeaderKey, which Mailpit's headers endpoint uses (Message-Id)."""
+    return "-".join(word[:1].upper() + word[1:].lower() for word in name.split("-"))
+
+
+class WebRequests:
+    """The web page and the Mailpit-compatible API, on http.server (SPEC 8).
+
+    Mixed into WebHandler (http.server.BaseHTTPRequestHandler) by web_handler_class(), so
+    a run without --http never imports http.server. Routes map a path pattern and a
+    method to a web_* method; errors are raised as Reply(status, "", text).
+    """
+
+    protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"    # errors always carry a status line (no HTTP/0.9)
+    server_version = "minimail/" + __version__
+    max_body_bytes = 1 << 20            # PUT and DELETE bodies
+    sse_keepalive_s = 15.0              # a comment line keeps idle event streams open
+    wait_default_s = 30.0               # SPEC 8: /api/v1/wait
+    wait_max_s = 300.0
+    too_many_connections = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                            b"Content-Length: 21\r\nRetry-After: 1\r\nConnection: close\r\n\r\n"
+                            b"Too many connections\n")
+    routes = tuple((re.compile(pattern), methods) for pattern, methods in (
+        (r"/", {"GET": "web_page"}),
+        (r"/view/([^/]+)\.html", {"GET": "web_view_html"}),
+        (r"/livez|/readyz", {"GET": "web_health"}),
+        (r"/api/v1/messages", {"GET": "web_messages", "PUT": "web_set_read",
+                               "DELETE": "web_delete"}),
+        (r"/api/v1/message/([^/]+)", {"GET": "web_message"}),
+        (r"/api/v1/message/([^/]+)/headers", {"GET": "web_headers"}),
+        (r"/api/v1/message/([^/]+)/raw", {"GET": "web_raw"}),
+        (r"/api/v1/message/([^/]+)/part/([^/]+)", {"GET": "web_part"}),
+        (r"/api/v1/search", {"GET": "web_search", "DELETE": "web_delete_search"}),
+        (r"/api/v1/info", {"GET": "web_info"}),
+        (r"/api/v1/mailboxes", {"GET": "web_mailboxes"}),
+        (r"/api/v1/wait", {"GET": "web_wait"}),
+        (r"/api/v1/events", {"GET": "web_events"}),
+    ))
+
+    def setup(self):
+        self.config = self.server.config
+        self.app = self.server.app
+        self.index = self.app.mail_index
+        self.timeout = self.config.timeout     # each read and write on the connection
+        self.sid = self.server.next_session_id()
+        self.sock = self.request
+        self.needs_auth = not self.config.is_loopback(self.server.server_address[0])
+        super().setup()
+        with self.server.lock:
+            self.server.handlers.add(self)
+
+    def finish(self):
+        with self.server.lock:
+            self.server.handlers.discard(self)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def handle(self):
+        log.debug("%s http connect from %s", self.sid, self.client_address[0])
+        try:
+            super().handle()
+        except OSError as exc:
+            log.info("%s http connection lost: %s", self.sid, exc.__class__.__name__)
+
+    def version_string(self):
+        return self.server_version
+
+    def log_message(self, format, *args):      # http.server's name and signature
+        log.info("%s http %s", self.sid, format % args)
+
+    def log_request(self, code="-", size="-"):
+        log.info("%s http %s %s %s", self.sid, getattr(self, "command", None),
+                 getattr(self, "path", "")[:200], code)
+
+    def do_GET(self):
+        self.serve()
+
+    def do_PUT(self):
+        self.serve()
+
+    def do_POST(self):
+        self.serve()
+
+    def do_DELETE(self):
+        self.serve()
+
+    def serve(self) -> None:
+        """Check origin and credentials, route the request, and answer (errors included)."""
+        import urllib.parse
+        length = self.headers.get("Content-Length", "0").strip() or "0"
+        self.body_read = length == "0" and "Transfer-Encoding" not in self.headers
+        url = urllib.parse.urlsplit(self.path)
+        self.query = dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True))
+        try:
+            if self.command in ("PUT", "POST", "DELETE"):
+                self.check_origin()
+            self.scope = self.authorize() if url.path not in ("/livez", "/readyz") else None
+            for pattern, methods in self.routes:
+                match = pattern.fullmatch(url.path)
+                if match:
+                    if self.command not in methods:
+                        raise _http_error(405, "Method not allowed\n", Allow=", ".join(methods))
+                    args = [urllib.parse.unquote(arg) for arg in match.groups()]
+                    getattr(self, methods[self.command])(*args)
+                    return
+            raise _http_error(404, "404 page not found\n")
+        except Reply as reply:
+            self.send(reply.code, reply.text, headers=getattr(reply, "headers", ()))
+        except OSError:
+            raise
+        except Exception as exc:        # a bug must cost one reply, not the server
+            log.error("%s http %s failed: %s", self.sid, self.command, exc.__class__.__name__)
+            log.debug("traceback", exc_info=True)
+            self.send(500, "Internal error\n")
+
+    def check_origin(self) -> None:
+        """Refuse state changes from other sites (SPEC 8: no CSRF)."""
+        expected = "http://%s" % self.headers.get("Host", "").lower()
+        if self.headers.get("Sec-Fetch-Site", "").strip().lower() == "cross-site":
+            raise _http_error(403, "Cross-site request refused\n")
+        origin = self.headers.get("Origin")
+        referer = self.headers.get("Referer")
+        if origin is not None:
+            if origin.strip().lower() != expected:
+                raise _http_error(403, "Cross-origin request refused\n")
+        elif referer is not None:
+            referer = referer.strip().lower()
+            if referer != expected and not referer.startswith(expected + "/"):
+                raise _http_error(403, "Cross-origin request refused\n")
+
+    def authorize(self):
+        """The mailboxes this request may see (None: all); HTTP Basic off loopback (RFC 7617)."""
+        if not self.needs_auth:
+            return None
+        scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
+        if scheme.lower() == "basic":
+            try:
+                decoded = base64.b64decode(credentials.strip(), validate=True)
+            except (binascii.Error, ValueError):
+                decoded = b""
+            username, sep, password = decoded.partition(b":")
+            account = self.app.check_login(username, password, False) if sep else False
+            if account:
+                return frozenset((account,))
+            log.info("%s http auth failed for %r", self.sid, username[:64])
+            time.sleep(self.config.auth_failure_delay)
+        raise _http_error(401, "Authentication required\n",
+                          WWW_Authenticate='Basic realm="minimail", charset="UTF-8"')
+
+    # Output.
+    def send(self, status: int, body, content_type: str = "text/plain; charset=utf-8",
+             headers=(), csp: str = HTTP_API_CSP) -> None:
+        """Send a whole response; an unread request body closes the connection afterwards."""
+        if isinstance(body, str):
+            body = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_security_headers(csp)
+        for name, value in headers:
+            self.send_header(name, value)
+        if not self.body_read:
+            self.send_header("Connection", "close")
+            self.close_connection = True
+        self.end_headers()
+        self.wfile.write(body)
+
+    def send_security_headers(self, csp: str) -> None:
+        self.send_header("Content-Security-Policy", csp)
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Referrer-Policy", "same-origin")
+        self.send_header("Cache-Control", "no-store")
+
+    def send_json(self, data) -> None:
+        body = json.dumps(data, ensure_ascii=False).encode("utf-8", "replace")
+        self.send(200, body, "application/json")
+
+    def ok(self) -> None:
+        self.send(200, "ok")
+
+    # Input.
+    def read_body(self) -> bytes:
+        """The request body, bounded; chunked uploads are refused (411)."""
+        if "Transfer-Encoding" in self.headers:
+            raise _http_error(411, "Content-Length required\n")
+        length = self.headers.get("Content-Length", "0").strip() or "0"
+        if not length.isdigit():
+            raise _http_error(400, "Bad Content-Length\n")
+        if int(length) > self.max_body_bytes:
+            raise _http_error(413, "Request body too large\n")
+        data = self.rfile.read(int(length))
+        if len(data) < int(length):
+            raise ConnectionResetError("request body cut short")
+        self.body_read = True
+        return data
+
+    def read_ids_body(self) -> dict:
+        """Parse a JSON object or a form body into IDs, Read and Search (400 if unparsable).
+
+        An empty body gives no IDs, which means every message, as in Mailpit; a body that
+        cannot be parsed is an error, never "everything".
+        """
+        import urllib.parse
+        data = self.read_body()
+        try:
+            text = data.decode("utf-8").strip()
+            if not text:
+                return {"IDs": [], "Read": False, "Search": ""}
+            if text.startswith("{"):
+                body = json.loads(text)
+                fields = {key.lower(): value for key, value in body.items()}
+            else:
+                pairs = urllib.parse.parse_qsl(text, keep_blank_values=True, strict_parsing=True)
+                fields = {}
+                for key, value in pairs:
+                    key = key.lower()
+                    if key == "ids":
+                        fields.setdefault("ids", []).extend(v for v in value.split(",") if v)
+                    elif key == "read":
+                        fields["read"] = value.lower() in ("true", "1", "yes", "on")
+                    else:
+                        fields[key] = value
+        except (ValueError, RecursionError):     # UnicodeDecodeError, JSONDecodeError too
+            raise _http_error(400, "Cannot parse the request body\n") from None
+        ids, read, search = fields.get("ids") or [], fields.get("read", False), fields.get("search") or ""
+        if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids) \
+                or not isinstance(read, bool) or not isinstance(search, str):
+            raise _http_error(400, "IDs must be a list of strings, Read a boolean, Search a string\n")
+        if ids and search:
+            raise _http_error(400, "You may specify either IDs or a search query, not both\n")
+        return {"IDs": ids, "Read": read, "Search": search}
+
+    # Lookups, limited to the mailboxes this request may see.
+    def entries(self) -> list:
+        entries = self.index.scan()[0]
+        if self.scope is None:
+            return entries
+        return [entry for entry in (scoped(entry, self.scope) for entry in entries) if entry]
+
+    def entry(self, message_id: str) -> MailEntry:
+        """The entry of an ID or of "latest"; 404 when there is none."""
+        if message_id == "latest":
+            entries = self.entries()
+            found = entries[0] if entries else None
+        else:
+            found = scoped(self.index.scan()[1].get(message_id), self.scope)
+        if found is None:
+            raise _http_error(404, "404 page not found\n")
+        return found
+
+    def load(self, message_id: str) -> tuple:
+        """(entry, parsed message) of an ID; 404 when it is gone."""
+        entry = self.entry(message_id)
+        loaded = self.index.read(entry)
+        if loaded is None:
+            raise _http_error(404, "404 page not found\n")
+        return entry, parse_message(loaded[1])
+
+    def matching(self, query: str) -> list:
+        terms = parse_search(query)
+        return [entry for entry in self.entries() if search_matches(terms, entry, self.index)]
+
+    def summaries(self, everything: list, matched: list) -> dict:
+        """Mailpit's MessagesSummary envelope for one page of matched entries."""
+        start = _int_param(self.query.get("start"), 0)
+        limit = _int_param(self.query.get("limit"), 50)
+        page = [summary for summary in (self.index.summary(entry) for entry in matched[start:start + limit])
+                if summary is not None]
+        unread = sum(1 for entry in everything if not entry.read)
+        return {"total": len(everything), "unread": unread, "count": len(page),
+                "messages_count": len(matched),
+                "messages_unread": sum(1 for entry in matched if not entry.read),
+                "start": start, "tags": [], "messages": page}
+
+    def search_query(self) -> str:
+        query = self.query.get("query", "").strip()
+        if not query:
+            raise _http_error(400, "Error: no search query\n")
+        return query
+
+    # Routes.
+    def web_page(self) -> None:
+        nonce = base64.b64encode(os.urandom(18)).decode("ascii")
+        csp = ("default-src 'none'; script-src 'nonce-%s'; style-src 'nonce-%s'; img-src 'self' data:; "
+               "connect-src 'self'; frame-src 'self'; base-uri 'none'; form-action 'none'; "
+               "frame-ancestors 'none'" % (nonce, nonce))
+        self.send(200, HTTP_PAGE.replace("__NONCE__", nonce), "text/html; charset=utf-8", csp=csp)
+
+    def web_view_html(self, message_id: str) -> None:
+        """The HTML part alone, for the page's sandboxed iframe: no scripts, no remote content."""
+        import urllib.parse
+        entry, fields = self.load(message_id)
+        parts = {item["ContentID"]: item["PartID"] for item in fields["Inline"] + fields["Attachments"]
+                 if item["ContentID"]}
+
+        def local(match):
+            part_id = parts.get(urllib.parse.unquote(match.group(1)))
+            if part_id is None:
+                return match.group(0)
+            return "/api/v1/message/%s/part/%s" % (urllib.parse.quote(entry.id), urllib.parse.quote(part_id))
+        markup = '<base target="_blank">' + CID_RE.sub(local, fields["HTML"])
+        remote = " https: http:" if self.query.get("remote") == "1" else ""
+        # The sandbox makes this document's origin opaque, so 'self' would not match the
+        # page that frames it: name the page's origin instead.
+        host = self.headers.get("Host", "")
+        ancestor = "http://" + host if re.fullmatch(r"[A-Za-z0-9.\-]+(:\d+)?|\[[0-9A-Fa-f:.]+\](:\d+)?", host) \
+            else "'none'"
+        csp = ("sandbox allow-popups allow-popups-to-escape-sandbox; default-src 'none'; "
+               "img-src 'self' data:%s; style-src 'unsafe-inline'%s; font-src data:%s; "
+               "frame-ancestors %s; form-action 'none'" % (remote, remote, remote, ancestor))
+        self.send(200, markup, "text/html; charset=utf-8", csp=csp)
+
+    def web_health(self) -> None:
+        self.ok()
+
+    def web_messages(self) -> None:
+        entries = self.entries()
+        self.send_json(self.summaries(entries, entries))
+
+    def web_search(self) -> None:
+        query = self.search_query()
+        self.send_json(self.summaries(self.entries(), self.matching(query)))
+
+    def web_delete_search(self) -> None:
+        self.index.delete(self.matching(self.search_query()))
+        self.ok()
+
+    def web_set_read(self) -> None:
+        body = self.read_ids_body()
+        if body["Search"]:
+            entries = self.matching(body["Search"])
+        elif body["IDs"]:
+            entries = self.by_ids(body["IDs"])
+        else:
+            entries = self.entries()
+        self.index.set_read(entries, body["Read"])
+        self.ok()
+
+    def web_delete(self) -> None:
+        body = self.read_ids_body()
+        self.index.delete(self.by_ids(body["IDs"]) if body["IDs"] else self.entries())
+        self.ok()
+
+    def by_ids(self, ids: list) -> list:
+        """The entries of the given IDs; unknown IDs are skipped, as Mailpit does."""
+        by_id = self.index.scan()[1]
+        return [entry for entry in (scoped(by_id.get(message_id), self.scope) for message_id in ids)
+                if entry is not None]
+
+    def web_message(self, message_id: str) -> None:
+        """Mailpit's Message, with Read true: reading it over HTTP sets the S flag (SPEC 8)."""
+        entry, fields = self.load(message_id)
+        self.index.set_read([entry], True)
+        message = {"ID": entry.id, "MessageID": fields["MessageID"], "Read": True}
+        for key in ("From", "To", "Cc", "Bcc", "ReplyTo", "ReturnPath", "Subject", "ListUnsubscribe"):
+            message[key] = fields[key]
+        message["Bcc"] = fields["Bcc"] + envelope_only(fields, entry.mailboxes)
+        message.update(Date=rfc3339(fields["Date"] or entry.created), Created=rfc3339(entry.created),
+                       Tags=[], Username="", Text=fields["Text"], HTML=fields["HTML"],
+                       Size=fields["Size"], Inline=fields["Inline"], Attachments=fields["Attachments"],
+                       Mailboxes=entry.mailboxes)
+        self.send_json(message)
+
+    def web_headers(self, message_id: str) -> None:
+        """Every header as {"Name": [values]}, names in Go's canonical form, sorted."""
+        headers = {}
+        for name, value in self.load(message_id)[1]["Headers"]:
+            headers.setdefault(_canonical_header(name), []).append(_clean_text(_unfold(value)))
+        self.send_json(dict(sorted(headers.items())))
+
+    def web_raw(self, message_id: str) -> None:
+        """The stored file as text/plain, streamed; ?dl=1 downloads it as ID.eml."""
+        entry = self.entry(message_id)
+        opened = None
+        for copy in entry.copies:
+            opened = self.app.maildir.follow(copy, lambda current: open(current.path, "rb"))
+            if opened is not None:
+                break
+        if opened is None:
+            raise _http_error(404, "404 page not found\n")
+        with opened:
+            size = os.fstat(opened.fileno()).st_size
+            self.send_response(200)
+            self.send_header("Content-Type", "text/plain; charset=utf-8")
+            self.send_header("Content-Length", str(size))
+            self.send_security_headers(HTTP_API_CSP)
+            if self.query.get("dl") == "1":
+                self.send_header("Content-Disposition", 'attachment; filename="%s.eml"' % entry.id)
+            if not self.body_read:
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            for block in iter(lambda: opened.read(RECV_SIZE), b""):
+                self.wfile.write(block[:size])
+                size -= len(block[:size])
+                if size <= 0:
+                    break
+
+    def web_part(self, message_id: str, part_id: str) -> None:
+        """One part's decoded content; types a browser would run are sent as downloads."""
+        import urllib.parse
+        part = self.load(message_id)[1]["Parts"].get(part_id)
+        if part is None:
+            raise _http_error(404, "404 page not found\n")
+        content_type, filename, content = part
+        disposition = "inline"
+        if content_type in HTTP_UNSAFE_INLINE:
+            content_type, disposition = "application/octet-stream", "attachment"
+        name = urllib.parse.quote(filename or part_id)
+        self.send(200, content, content_type,
+                  headers=[("Content-Disposition", '%s; filename="%s"' % (disposition, name))])
+
+    def web_info(self) -> None:
+        """Mailpit's AppInformation (the maildir root stands for the database)."""
+        entries = self.entries()
+        size = 0
+        for entry in entries:
+            for copy in entry.copies:
+                try:
+                    size += os.stat(copy.path).st_size
+                except OSError:
+                    pass
+        with self.index.changed:
+            stats = dict(self.index.stats)
+        stats.update(Uptime=int(time.monotonic() - self.index.started), Memory=_memory_bytes(),
+                     SMTPRejected=0, SMTPIgnored=0)
+        self.send_json({"Version": __version__, "LatestVersion": "disabled",
+                        "Database": self.app.maildir.root, "DatabaseSize": size,
+                        "Messages": len(entries), "Unread": sum(1 for entry in entries if not entry.read),
+                        "Tags": {}, "RuntimeStats": stats})
+
+    def web_mailboxes(self) -> None:
+        """Beyond Mailpit: each mailbox with its total and unread counts, for the page."""
+        entries = self.entries()
+        counts = {}
+        for entry in entries:
+            for copy in entry.copies:
+                total, unread = counts.get(copy.mailbox, (0, 0))
+                counts[copy.mailbox] = (total + 1, unread + ("S" not in copy.flags))
+        self.send_json({"total": len(entries), "unread": sum(1 for entry in entries if not entry.read),
+                        "mailboxes": [{"Name": name, "Total": total, "Unread": unread}
+                                      for name, (total, unread) in sorted(counts.items())]})
+
+    def web_wait(self) -> None:
+        """Beyond Mailpit (SPEC 8): the newest match now, or the first to arrive, or 408."""
+        try:
+            timeout_s = float(self.query.get("timeout", self.wait_default_s))
+        except ValueError:
+            raise _http_error(400, "timeout must be a number of seconds\n") from None
+        if not 0 <= timeout_s < float("inf"):
+            raise _http_error(400, "timeout must be a number of seconds\n")
+        deadline = time.monotonic() + min(timeout_s, self.wait_max_s)
+        terms = parse_search(self.query.get("query", ""))
+        after = self.query.get("after")
+        after_key = self.entry(after).sort_key() if after else None
+        seen = self.index.notices
+        while True:
+            for entry in self.entries():
+                if after_key is not None and entry.sort_key() <= after_key:
+                    break
+                if search_matches(terms, entry, self.index):
+                    summary = self.index.summary(entry)
+                    if summary is not None:
+                        self.send_json(summary)
+                        return
+            remaining = deadline - time.monotonic()
+            if self.index.closed:
+                raise _http_error(503, "Server stopping\n")
+            if remaining <= 0:
+                raise _http_error(408, "No matching message arrived in time\n")
+            seen = self.index.wait_for_change(seen, min(remaining, self.index.scan_interval_s))
+
+    def web_events(self) -> None:
+        """Beyond Mailpit (SPEC 8): server-sent events `new` (a summary) and `delete` ({"IDs"})."""
+        self.index.scan()
+        seq = self.index.seq
+        self.close_connection = True
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+        self.send_security_headers(HTTP_API_CSP)
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.wfile.write(b"retry: 2000\n\n")
+        last_write = time.monotonic()
+        seen = self.index.notices
+        while not self.index.closed:
+            seen = self.index.wait_for_change(seen, self.index.scan_interval_s)
+            by_id = self.index.scan()[1]
+            out = []
+            deleted = []
+            for seq, kind, message_id, mailboxes in self.index.events_after(seq):
+                if self.scope is not None and not mailboxes & self.scope:
+                    continue
+                if kind == "delete":
+                    deleted.append(message_id)
+                    continue
+                if deleted:
+                    out.append(_sse("delete", {"IDs": deleted}))
+                    deleted = []
+                entry = scoped(by_id.get(message_id), self.scope)
+                summary = self.index.summary(entry) if entry is not None else None
+                if summary is not None:
+                    out.append(_sse("new", summary))
+            if deleted:
+                out.append(_sse("delete", {"IDs": deleted}))
+            if not out and time.monotonic() - last_write >= self.sse_keepalive_s:
+                out.append(b": keepalive\n\n")
+            if out:
+                self.wfile.write(b"".join(out))
+                last_write = time.monotonic()
+
+
+def _sse(event: str, data) -> bytes:
+    return ("event: %s\ndata: %s\n\n" % (event, json.dumps(data, ensure_ascii=False))).encode("utf-8", "replace")
+
+
+def _int_param(text: Optional[str], default: int) -> int:
+    """A positive integer query parameter; anything else means the default (as Mailpit)."""
+    value = int(text) if text and text.isdigit() and len(text) < 10 else 0
+    return value if value > 0 else default
+
+
+def _memory_bytes() -> int:
+    """Resident memory of this process (Linux), else 0."""
+    try:
+        with open("/proc/self/statm") as file:
+            return int(file.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@lru_cache(maxsize=None)
+def web_handler_class():
+    """Build WebHandler on first use, so a run without --http never imports http.server."""
+    import http.server
+
+    class WebHandler(WebRequests, http.server.BaseHTTPRequestHandler):
+        """One HTTP connection: http.server parses requests, WebRequests answers them."""
+
+    return WebHandler
+
+
+HTTP_PAGE = r"""<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="referrer" content="same-origin">
+<title>minimail</title>
+<style nonce="__NONCE__">
+:root { --line: #e3e6ea; --muted: #6b7280; --accent: #2563eb; --bg: #f7f8fa; --sel: #e8f0fe; }
+* { box-sizing: border-box; }
+html, body { height: 100%; margin: 0; }
+body { font: 14px/1.4 system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; color: #111827;
+  display: grid; grid-template-rows: 48px 1fr; grid-template-columns: 220px minmax(320px, 38%) 1fr; }
+header { grid-column: 1 / 4; display: flex; align-items: center; gap: 12px; padding: 0 12px;
+  background: #1f2937; color: #fff; }
+header h1 { font-size: 17px; margin: 0 16px 0 0; font-weight: 600; letter-spacing: .3px; }
+header input { flex: 1; max-width: 560px; padding: 6px 10px; border-radius: 6px; border: 0; font: inherit; }
+header .live { font-size: 12px; color: #9ca3af; margin-left: auto; }
+header .live.on::before { content: "\25CF  "; color: #34d399; }
+button { font: inherit; font-size: 13px; padding: 4px 10px; border-radius: 6px; border: 1px solid #d1d5db;
+  background: #fff; color: #111827; cursor: pointer; }
+button:hover { background: #f3f4f6; }
+button.danger { color: #b91c1c; }
+header button { background: #374151; color: #fff; border-color: #4b5563; }
+header button:hover { background: #4b5563; }
+nav { background: var(--bg); border-right: 1px solid var(--line); overflow-y: auto; padding: 8px 0; }
+nav a { display: flex; justify-content: space-between; padding: 6px 14px; color: inherit; text-decoration: none;
+  white-space: nowrap; overflow: hidden; text-overflow: ellipsis; cursor: pointer; }
+nav a span:first-child { overflow: hidden; text-overflow: ellipsis; }
+nav a:hover { background: #eef0f3; }
+nav a.current { background: var(--sel); font-weight: 600; }
+nav .count { color: var(--muted); font-size: 12px; padding-left: 8px; }
+nav .count b { color: var(--accent); }
+#list { display: flex; flex-direction: column; border-right: 1px solid var(--line); min-height: 0; }
+#list .bar { display: flex; align-items: center; gap: 8px; padding: 6px 10px; border-bottom: 1px solid var(--line);
+  font-size: 12px; color: var(--muted); }
+#list .bar .grow { flex: 1; }
+#rows { overflow-y: auto; flex: 1; }
+.row { padding: 8px 12px; border-bottom: 1px solid var(--line); cursor: pointer; display: grid;
+  grid-template-columns: 1fr auto; gap: 2px 10px; }
+.row:hover { background: #f9fafb; }
+.row.current { background: var(--sel); }
+.row .from, .row .subject, .row .snippet, .row .to { overflow: hidden; text-overflow: ellipsis; white-space: nowrap; }
+.row .from { font-weight: 400; }
+.row.unread .from, .row.unread .subject { font-weight: 650; }
+.row.unread .from::before { content: ""; display: inline-block; width: 7px; height: 7px; border-radius: 50%;
+  background: var(--accent); margin-right: 6px; vertical-align: middle; }
+.row .date, .row .size { color: var(--muted); font-size: 12px; text-align: right; white-space: nowrap; }
+.row .snippet, .row .to { color: var(--muted); font-size: 12px; grid-column: 1 / 3; }
+.badge { font-size: 11px; font-weight: 400; color: var(--muted); border: 1px solid var(--line);
+  border-radius: 8px; padding: 0 6px; margin-left: 6px; vertical-align: 1px; }
+.empty { padding: 40px 20px; text-align: center; color: var(--muted); }
+main { overflow: hidden; display: flex; flex-direction: column; min-height: 0; min-width: 0; }
+#view { display: flex; flex-direction: column; height: 100%; min-height: 0; }
+.head { padding: 14px 18px 8px; border-bottom: 1px solid var(--line); }
+.head h2 { margin: 0 0 8px; font-size: 18px; font-weight: 600; word-break: break-word; }
+.head table { border-collapse: collapse; font-size: 13px; }
+.head th { text-align: right; color: var(--muted); font-weight: 400; padding: 1px 10px 1px 0; vertical-align: top; }
+.head td { word-break: break-word; }
+.actions { display: flex; gap: 6px; flex-wrap: wrap; margin-top: 10px; align-items: center; }
+.tabs { display: flex; gap: 2px; padding: 0 18px; border-bottom: 1px solid var(--line); }
+.tabs button { border: 0; border-bottom: 2px solid transparent; border-radius: 0; background: none; padding: 8px 12px; }
+.tabs button.current { border-bottom-color: var(--accent); color: var(--accent); }
+.tabs button:disabled { color: #c0c4cc; cursor: default; }
+.atts { padding: 8px 18px; border-bottom: 1px solid var(--line); display: flex; flex-wrap: wrap; gap: 6px; }
+.atts a { font-size: 12px; padding: 3px 8px; border: 1px solid var(--line); border-radius: 12px; color: inherit;
+  text-decoration: none; background: var(--bg); }
+.atts a:hover { border-color: var(--accent); }
+.body { flex: 1 1 auto; min-height: 0; overflow: auto; display: flex; flex-direction: column; }
+.body > * { flex: none; }
+.body > iframe { flex: 1 1 auto; width: 100%; min-height: 320px; border: 0; display: block; background: #fff; }
+.body pre { margin: 0; padding: 14px 18px; white-space: pre-wrap; word-break: break-word;
+  font: 13px/1.45 ui-monospace, SFMono-Regular, Menlo, Consolas, monospace; }
+.body table { border-collapse: collapse; margin: 10px 18px; font-size: 12px; }
+.body td { border-bottom: 1px solid var(--line); padding: 3px 8px; vertical-align: top; word-break: break-word; }
+.body td:first-child { color: var(--muted); white-space: nowrap; }
+.note { font-size: 12px; color: var(--muted); }
+</style>
+</head>
+<body>
+<header>
+  <h1>minimail</h1>
+  <input id="search" type="search" placeholder="Search: words, from:, to:, subject:, is:unread, has:attachment" autocomplete="off">
+  <button id="readall" type="button">Mark all read</button>
+  <button id="delall" type="button">Delete all</button>
+  <span id="live" class="live">offline</span>
+</header>
+<nav id="boxes"></nav>
+<section id="list">
+  <div class="bar"><span id="range" class="grow"></span>
+    <button id="prev" type="button" title="Newer">&#8249;</button><button id="next" type="button" title="Older">&#8250;</button></div>
+  <div id="rows"></div>
+</section>
+<main id="main"><div class="empty">Select a message</div></main>
+<script nonce="__NONCE__">
+"use strict";
+const PAGE = 50;
+const state = { box: "", query: "", start: 0, total: 0, current: null, tab: "html", messages: [] };
+const $ = (id) => document.getElementById(id);
+
+function el(tag, className, text) {
+  const node = document.createElement(tag);
+  if (className) node.className = className;
+  if (text !== undefined && text !== null) node.textContent = String(text);
+  return node;
+}
+function api(path, options) {
+  return fetch(path, options).then((response) => {
+    if (!response.ok) throw new Error(response.status + " " + response.statusText);
+    return response;
+  });
+}
+const enc = encodeURIComponent;
+function who(address) {
+  if (!address) return "";
+  return address.Name ? address.Name + " <" + address.Address + ">" : address.Address;
+}
+function short(address) { return address ? (address.Name || address.Address) : ""; }
+function list(addresses) { return (addresses || []).map(who).join(", "); }
+function size(bytes) {
+  if (bytes < 1024) return bytes + " B";
+  if (bytes < 1048576) return (bytes / 1024).toFixed(1) + " kB";
+  return (bytes / 1048576).toFixed(1) + " MB";
+}
+function when(text, long) {
+  const date = new Date(text);
+  if (isNaN(date)) return text;
+  if (long) return date.toLocaleString();
+  const today = new Date();
+  return date.toDateString() === today.toDateString()
+    ? date.toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" })
+    : date.toLocaleDateString([], { year: "numeric", month: "short", day: "numeric" });
+}
+
+function searchText() {
+  const parts = [];
+  if (state.box) parts.push("mailbox:\"" + state.box + "\"");
+  if (state.query) parts.push(state.query);
+  return parts.join(" ");
+}
+
+function loadBoxes() {
+  return api("/api/v1/mailboxes").then((r) => r.json()).then((data) => {
+    const nav = $("boxes");
+    nav.replaceChildren();
+    const total = data.total, unread = data.unread;
+    const entry = (name, label, count, fresh) => {
+      const link = el("a", name === state.box ? "current" : "");
+      link.append(el("span", "", label));
+      const counter = el("span", "count");
+      if (fresh) { counter.append(el("b", "", fresh)); counter.append(" / "); }
+      counter.append(String(count));
+      link.append(counter);
+      link.title = label;
+      link.addEventListener("click", () => { state.box = name; state.start = 0; loadBoxes(); loadList(); });
+      nav.append(link);
+    };
+    entry("", "All mail", total, unread);
+    data.mailboxes.forEach((box) => entry(box.Name, box.Name, box.Total, box.Unread));
+    document.title = (unread ? "(" + unread + ") " : "") + "minimail";
+  }).catch(() => {});
+}
+
+function loadList() {
+  const query = searchText();
+  const url = query
+    ? "/api/v1/search?query=" + enc(query) + "&start=" + state.start + "&limit=" + PAGE
+    : "/api/v1/messages?start=" + state.start + "&limit=" + PAGE;
+  return api(url).then((r) => r.json()).then((data) => {
+    state.total = data.messages_count;
+    state.messages = data.messages;
+    if (data.messages.length === 0 && state.start > 0) { state.start = Math.max(0, state.start - PAGE); return loadList(); }
+    renderList();
+  }).catch((error) => { $("rows").replaceChildren(el("div", "empty", "Cannot load messages: " + error.message)); });
+}
+
+function renderList() {
+  const rows = $("rows");
+  rows.replaceChildren();
+  if (!state.messages.length) rows.append(el("div", "empty", searchText() ? "No matching messages" : "No messages yet"));
+  state.messages.forEach((message) => {
+    const row = el("div", "row" + (message.Read ? "" : " unread") + (message.ID === state.current ? " current" : ""));
+    row.dataset.id = message.ID;
+    row.append(el("div", "from", short(message.From) || "(no sender)"));
+    row.append(el("div", "date", when(message.Created)));
+    const subject = el("div", "subject", message.Subject || "(no subject)");
+    if (message.Attachments) subject.append(el("span", "badge", message.Attachments > 1 ? message.Attachments + " files" : "1 file"));
+    row.append(subject);
+    row.append(el("div", "size", size(message.Size)));
+    row.append(el("div", "to", "To: " + ((message.To || []).map(short).join(", ") || message.Mailboxes.join(", "))));
+    if (message.Snippet) row.append(el("div", "snippet", message.Snippet));
+    row.addEventListener("click", () => { location.hash = message.ID; });
+    rows.append(row);
+  });
+  const end = Math.min(state.start + state.messages.length, state.total);
+  $("range").textContent = state.total ? (state.start + 1) + "\u2013" + end + " of " + state.total : "";
+  $("prev").disabled = state.start === 0;
+  $("next").disabled = end >= state.total;
+}
+
+function openMessage(id) {
+  state.current = id;
+  document.querySelectorAll(".row").forEach((row) => row.classList.toggle("current", row.dataset.id === id));
+  if (!id) { $("main").replaceChildren(el("div", "empty", "Select a message")); return; }
+  api("/api/v1/message/" + enc(id)).then((r) => r.json()).then((message) => {
+    if (state.current !== id) return;
+    renderMessage(message);
+    const row = document.querySelector(".row.unread[data-id=\"" + CSS.escape(id) + "\"]");
+    if (row) { row.classList.remove("unread"); loadBoxes(); }
+  }).catch(() => { $("main").replaceChildren(el("div", "empty", "This message no longer exists")); });
+}
+
+function renderMessage(message) {
+  const view = el("div", "");
+  view.id = "view";
+  const head = el("div", "head");
+  head.append(el("h2", "", message.Subject || "(no subject)"));
+  const table = el("table");
+  const line = (label, value) => {
+    if (!value) return;
+    const tr = el("tr");
+    tr.append(el("th", "", label));
+    tr.append(el("td", "", value));
+    table.append(tr);
+  };
+  line("From", who(message.From));
+  line("To", list(message.To));
+  line("Cc", list(message.Cc));
+  line("Bcc", list(message.Bcc));
+  line("Reply-To", list(message.ReplyTo));
+  line("Date", when(message.Date, true));
+  line("Mailboxes", message.Mailboxes.join(", "));
+  line("Size", size(message.Size));
+  head.append(table);
+  const actions = el("div", "actions");
+  const del = el("button", "danger", "Delete");
+  del.addEventListener("click", () => {
+    api("/api/v1/messages", { method: "DELETE", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ IDs: [message.ID] }) }).then(() => { location.hash = ""; refresh(); });
+  });
+  const unread = el("button", "", "Mark unread");
+  unread.addEventListener("click", () => {
+    api("/api/v1/messages", { method: "PUT", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ IDs: [message.ID], Read: false }) }).then(refresh);
+  });
+  const download = el("a", "", "Download .eml");
+  download.href = "/api/v1/message/" + enc(message.ID) + "/raw?dl=1";
+  actions.append(del, unread, download);
+  head.append(actions);
+  view.append(head);
+
+  const files = (message.Attachments || []).concat(message.Inline || []);
+  if (files.length) {
+    const atts = el("div", "atts");
+    files.forEach((file) => {
+      const link = el("a", "", (file.FileName || file.ContentID || "part " + file.PartID) + " (" + size(file.Size) + ")");
+      link.href = "/api/v1/message/" + enc(message.ID) + "/part/" + enc(file.PartID);
+      link.download = file.FileName || "";
+      atts.append(link);
+    });
+    view.append(atts);
+  }
+  const tabs = el("div", "tabs");
+  const body = el("div", "body");
+  const show = (tab) => {
+    state.tab = tab;
+    tabs.querySelectorAll("button").forEach((b) => b.classList.toggle("current", b.dataset.tab === tab));
+    body.replaceChildren();
+    if (tab === "html") {
+      const frame = el("iframe");
+      frame.setAttribute("sandbox", "allow-popups allow-popups-to-escape-sandbox");
+      frame.setAttribute("referrerpolicy", "no-referrer");
+      frame.title = "HTML part";
+      frame.src = "/view/" + enc(message.ID) + ".html";
+      body.append(frame);
+    } else if (tab === "text") {
+      body.append(el("pre", "", message.Text));
+    } else if (tab === "headers") {
+      api("/api/v1/message/" + enc(message.ID) + "/headers").then((r) => r.json()).then((headers) => {
+        const table = el("table");
+        Object.keys(headers).forEach((name) => headers[name].forEach((value) => {
+          const tr = el("tr");
+          tr.append(el("td", "", name), el("td", "", value));
+          table.append(tr);
+        }));
+        body.replaceChildren(table);
+      });
+    } else {
+      api("/api/v1/message/" + enc(message.ID) + "/raw").then((r) => r.text()).then((text) => {
+        const limit = 1048576;
+        body.replaceChildren(el("pre", "", text.length > limit ? text.slice(0, limit) + "\n\u2026 (download the .eml for the rest)" : text));
+      });
+    }
+  };
+  [["html", "HTML", !message.HTML], ["text", "Text", false], ["headers", "Headers", false], ["raw", "Raw", false]]
+    .forEach(([tab, label, disabled]) => {
+      const button = el("button", "", label);
+      button.dataset.tab = tab;
+      button.disabled = disabled;
+      button.addEventListener("click", () => show(tab));
+      tabs.append(button);
+    });
+  view.append(tabs, body);
+  $("main").replaceChildren(view);
+  show(state.tab === "html" && !message.HTML ? "text" : state.tab);
+}
+
+let pending = null;
+function refresh() {
+  clearTimeout(pending);
+  pending = setTimeout(() => { loadBoxes(); loadList(); }, 150);
+}
+
+$("prev").addEventListener("click", () => { state.start = Math.max(0, state.start - PAGE); loadList(); });
+$("next").addEventListener("click", () => { state.start += PAGE; loadList(); });
+let typing = null;
+$("search").addEventListener("input", () => {
+  clearTimeout(typing);
+  typing = setTimeout(() => { state.query = $("search").value.trim(); state.start = 0; loadList(); }, 250);
+});
+$("readall").addEventListener("click", () => {
+  const query = searchText();
+  api("/api/v1/messages", { method: "PUT", headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(query ? { Search: query, Read: true } : { Read: true }) }).then(refresh);
+});
+$("delall").addEventListener("click", () => {
+  const query = searchText();
+  const what = query ? state.total + " matching message(s)" : "ALL " + state.total + " message(s)";
+  if (!confirm("Delete " + what + "?")) return;
+  const done = query ? api("/api/v1/search?query=" + enc(query), { method: "DELETE" })
+    : api("/api/v1/messages", { method: "DELETE" });
+  done.then(() => { location.hash = ""; refresh(); });
+});
+window.addEventListener("hashchange", () => openMessage(decodeURIComponent(location.hash.slice(1))));
+
+const events = new EventSource("/api/v1/events");
+events.addEventListener("open", () => { $("live").textContent = "live"; $("live").classList.add("on"); });
+events.addEventListener("error", () => { $("live").textContent = "reconnecting"; $("live").classList.remove("on"); });
+events.addEventListener("new", refresh);
+events.addEventListener("delete", (event) => {
+  const ids = JSON.parse(event.data).IDs;
+  if (ids.indexOf(state.current) >= 0) location.hash = "";
+  refresh();
+});
+
+loadBoxes();
+loadList().then(() => { if (location.hash.length > 1) openMessage(decodeURIComponent(location.hash.slice(1))); });
+</script>
+</body>
+</html>
+"""
+
+
 # --- Application ----------------------------------------------------------------
 
 LISTENERS = (
@@ -2157,6 +3650,7 @@ class App:
         self.tls_context = None
         self.servers = {}
         self.threads = []
+        self.mail_index = None      # the web page's MessageIndex, while HTTP is on
 
     def start(self) -> None:
         """Validate the config, bind every listener and start serving; ConfigError if not possible."""
@@ -2167,8 +3661,12 @@ class App:
             raise ConfigError("cannot create maildir %s: %s" % (self.maildir.root, exc.strerror)) from None
         if self.config.tls_cert:
             self.tls_context = self._load_tls()
+        listeners = list(LISTENERS)
+        if self.config.http is not None:        # http.server is imported only when needed
+            self.mail_index = MessageIndex(self.maildir, self.config.http_scan_interval)
+            listeners.append(("http", web_handler_class()))
         try:
-            for name, handler in LISTENERS:
+            for name, handler in listeners:
                 address = getattr(self.config, name)
                 if address is None:
                     continue
@@ -2183,6 +3681,10 @@ class App:
         for name, server in self.servers.items():
             thread = threading.Thread(target=server.serve_forever, name=name,
                                       kwargs={"poll_interval": 0.2}, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+        if self.mail_index is not None:
+            thread = threading.Thread(target=self.mail_index.warm, name="http-index", daemon=True)
             thread.start()
             self.threads.append(thread)
         self.relay.start()
@@ -2220,6 +3722,15 @@ class App:
     @property
     def submission_port(self) -> int:
         return self.address("submission")[1]
+
+    @property
+    def http_port(self) -> int:
+        return self.address("http")[1]
+
+    def notify_new(self, message_id: str, mailboxes: list, size: int) -> None:
+        """Tell waiting web clients that a message was just stored (called after commit)."""
+        if self.mail_index is not None:
+            self.mail_index.notify_new(message_id, mailboxes, size)
 
     def check_login(self, username: bytes, password: bytes, loopback: bool):
         """The mailbox an account logs in to, None for a dev-sink login, False if refused.
@@ -2280,6 +3791,8 @@ class App:
 
     def stop(self) -> None:
         """Stop listening, close live connections and wait (bounded) for their threads."""
+        if self.mail_index is not None:
+            self.mail_index.close()         # ends event streams and long waits at once
         for server in self.servers.values():
             server.shutdown()
             server.server_close()
@@ -2358,6 +3871,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="SMTP listener: HOST:PORT, [IPv6]:PORT, PORT or off")
     add("--submission", default="off", type=_typed(parse_addr), metavar="ADDR",
         help="submission listener (AUTH required before MAIL)")
+    add("--http", default="127.0.0.1:8025", type=_typed(parse_addr), metavar="ADDR",
+        help="web page and Mailpit-compatible JSON API; off disables")
     add("--hostname", default=socket.gethostname(), metavar="NAME",
         help="name in the greeting, EHLO and Received:")
     add("--user", action="append", default=[], type=_typed(parse_account),
@@ -2422,6 +3937,7 @@ def config_from_args(args) -> Config:
         raise ValueError("--smarthost-auth needs --smarthost")
     return Config(
         domains=domains, maildir=args.maildir, smtp=args.smtp, submission=args.submission,
+        http=args.http,
         hostname=args.hostname, users=tuple(users), relay_from=tuple(args.relay_from),
         catch_all=args.catch_all, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_size=args.max_size, max_connections=args.max_connections, timeout=args.timeout,

@@ -5,7 +5,11 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import hashlib
+import http.client
+import json
 import os
+import re
 import shutil
 import signal
 import smtplib
@@ -16,6 +20,9 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
+import urllib.parse
+import urllib.request
 
 import pytest
 
@@ -1806,3 +1813,677 @@ def test_relay_into_real_postfix(make_server, postfix_server):
     assert b"by mx.example.test (minimail)" in stored
     assert b"x" * 998 + b"\n " + b"x" * 502 + b"\n" in stored
     assert wait_for(lambda: queue_empty(app))
+
+
+# --- HTTP: page and Mailpit-compatible API ----------------------------------------------
+
+RFC3339_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d"
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # never a proxy
+
+
+@pytest.fixture
+def web(make_server):
+    return make_server(http=("127.0.0.1", 0))
+
+
+def http_call(app, method, path, body=None, headers=None):
+    """(status, headers, body) of one request to the app's HTTP listener."""
+    request = urllib.request.Request("http://127.0.0.1:%d%s" % (app.http_port, path), data=body,
+                                     method=method, headers=headers or {})
+    try:
+        with _OPENER.open(request, timeout=5) as response:
+            return response.status, response.headers, response.read()
+    except urllib.error.HTTPError as error:
+        with error:
+            return error.code, error.headers, error.read()
+
+
+def get_json(app, path):
+    status, headers, body = http_call(app, "GET", path)
+    assert status == 200, (path, status, body)
+    assert headers["Content-Type"].startswith("application/json")
+    return json.loads(body)
+
+
+def send_message(app, data, rcpts=("user@example.test",), sender="a@sender.test"):
+    """Deliver one message over SMTP; return its ID from the 250 reply."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with smtp_client(app.smtp_port) as client:
+        client.ehlo()
+        assert client.mail(sender)[0] == 250
+        for rcpt in rcpts:
+            assert client.rcpt(rcpt)[0] == 250
+        code, text = client.data(data)
+    assert code == 250, text
+    return text.decode().rsplit(" ", 1)[1]
+
+
+def stored_files(app, mailbox):
+    """Names of a mailbox's files in new/ and cur/, as folder/name."""
+    found = []
+    for folder in ("new", "cur"):
+        path = os.path.join(app.maildir.root, mailbox, folder)
+        if os.path.isdir(path):
+            found += ["%s/%s" % (folder, name) for name in sorted(os.listdir(path))]
+    return found
+
+
+MULTIPART = b"""From: =?utf-8?q?Zo=C3=AB_Sender?= <zoe@sender.test>
+To: "Bob, Builder" <bob@example.test>, carol@example.test
+Cc: Dan <dan@example.test>
+Reply-To: replies@sender.test
+Subject: =?iso-8859-1?q?R=E9sum=E9?= and report
+Date: Tue, 2 Jan 2024 09:30:00 -0500
+Message-ID: <multi-1@sender.test>
+MIME-Version: 1.0
+Content-Type: multipart/mixed; boundary="outer"
+
+--outer
+Content-Type: multipart/related; boundary="rel"
+
+--rel
+Content-Type: multipart/alternative; boundary="alt"
+
+--alt
+Content-Type: text/plain; charset=iso-8859-1
+Content-Transfer-Encoding: quoted-printable
+
+Caf=E9 plain text
+--alt
+Content-Type: text/html; charset=utf-8
+
+<p>Caf\xc3\xa9 <b>html</b> <img src="cid:logo@x"></p>
+--alt--
+--rel
+Content-Type: image/png
+Content-ID: <logo@x>
+Content-Transfer-Encoding: base64
+
+iVBORw0KGgo=
+--rel--
+--outer
+Content-Type: application/pdf; name="report.pdf"
+Content-Disposition: attachment; filename="report.pdf"
+Content-Transfer-Encoding: base64
+
+JVBERi0xLjQK
+--outer--
+"""
+
+
+def test_http_messages_list_envelope_and_fields(web):
+    first = send_message(web, b"Subject: first\r\n\r\nbody one\r\n")
+    second = send_message(web, MULTIPART, rcpts=("bob@example.test", "eve@example.test"))
+    data = get_json(web, "/api/v1/messages")
+    assert {key: data[key] for key in ("total", "unread", "count", "messages_count",
+                                       "messages_unread", "start", "tags")} == {
+        "total": 2, "unread": 2, "count": 2, "messages_count": 2, "messages_unread": 2,
+        "start": 0, "tags": []}
+    newest, oldest = data["messages"]
+    assert (newest["ID"], oldest["ID"]) == (second, first)          # newest first
+    assert set(newest) >= {"ID", "MessageID", "Read", "From", "To", "Cc", "Bcc", "ReplyTo", "Subject",
+                           "Created", "Username", "Tags", "Size", "Attachments", "Snippet", "Mailboxes"}
+    assert newest["MessageID"] == "multi-1@sender.test" and newest["Read"] is False
+    assert newest["From"] == {"Name": "Zoë Sender", "Address": "zoe@sender.test"}
+    assert newest["To"] == [{"Name": "Bob, Builder", "Address": "bob@example.test"},
+                            {"Name": "", "Address": "carol@example.test"}]
+    assert newest["Cc"] == [{"Name": "Dan", "Address": "dan@example.test"}]
+    assert newest["ReplyTo"] == [{"Name": "", "Address": "replies@sender.test"}]
+    assert newest["Bcc"] == [{"Name": "", "Address": "eve@example.test"}]   # envelope only
+    assert newest["Subject"] == "Résumé and report"
+    assert newest["Attachments"] == 1 and newest["Snippet"] == "Café plain text"
+    assert newest["Mailboxes"] == ["bob@example.test", "eve@example.test"]
+    assert newest["Size"] == os.path.getsize(os.path.join(web.maildir.root, "bob@example.test", "new",
+                                                          stored_files(web, "bob@example.test")[0][4:]))
+    assert re.fullmatch(RFC3339_RE, newest["Created"]) and newest["Created"].endswith("+00:00")
+    assert oldest["From"] is None
+    for key in ("To", "Cc", "Bcc", "ReplyTo", "Tags"):         # arrays, never null
+        assert oldest[key] == [] if key != "Bcc" else oldest[key] == [
+            {"Name": "", "Address": "user@example.test"}]
+    assert oldest["Attachments"] == 0 and oldest["Snippet"] == "body one"
+
+
+def test_http_messages_paging(web):
+    ids = [send_message(web, "Subject: %d\r\n\r\nx\r\n" % number) for number in range(5)]
+    page = get_json(web, "/api/v1/messages?start=1&limit=2")
+    assert [m["ID"] for m in page["messages"]] == [ids[3], ids[2]]
+    assert (page["start"], page["count"], page["total"], page["messages_count"]) == (1, 2, 5, 5)
+    everything = get_json(web, "/api/v1/messages?start=x&limit=-3")   # bad values: defaults
+    assert everything["start"] == 0 and everything["count"] == 5
+    assert get_json(web, "/api/v1/messages?start=10")["messages"] == []
+
+
+def test_http_message_detail_marks_every_copy_read(web):
+    message_id = send_message(web, MULTIPART, rcpts=("bob@example.test", "eve@example.test"))
+    assert get_json(web, "/api/v1/messages")["unread"] == 1
+    message = get_json(web, "/api/v1/message/%s" % message_id)
+    assert message["ID"] == message_id and message["Read"] is True
+    assert message["ReturnPath"] == "a@sender.test"
+    assert message["Date"] == "2024-01-02T09:30:00.000-05:00"
+    assert message["Text"].strip() == "Café plain text"
+    assert "Café <b>html</b>" in message["HTML"]
+    assert message["Attachments"] == [{
+        "PartID": "2", "FileName": "report.pdf", "ContentType": "application/pdf", "ContentID": "",
+        "Size": 9, "Checksums": {"MD5": hashlib.md5(b"%PDF-1.4\n").hexdigest(),
+                                 "SHA1": hashlib.sha1(b"%PDF-1.4\n").hexdigest(),
+                                 "SHA256": hashlib.sha256(b"%PDF-1.4\n").hexdigest()}}]
+    assert [(i["PartID"], i["ContentType"], i["ContentID"], i["Size"]) for i in message["Inline"]] == [
+        ("1.2", "image/png", "logo@x", 8)]
+    for mailbox in ("bob@example.test", "eve@example.test"):        # S flag on every copy
+        (name,) = stored_files(web, mailbox)
+        assert name.startswith("cur/%s," % message_id) and name.endswith(":2,S")
+        assert web.maildir.find(mailbox, message_id) is not None    # POP3 still finds it
+    listed = get_json(web, "/api/v1/messages")
+    assert listed["unread"] == 0 and listed["messages"][0]["Read"] is True
+    assert get_json(web, "/api/v1/message/latest")["ID"] == message_id
+
+
+def test_http_unknown_message_is_404(web):
+    for path in ("/api/v1/message/nope", "/api/v1/message/nope/raw", "/api/v1/message/nope/headers",
+                 "/api/v1/message/latest", "/api/v1/message/nope/part/1", "/view/nope.html"):
+        status, headers, body = http_call(web, "GET", path)
+        assert status == 404 and headers["Content-Type"].startswith("text/plain"), path
+    message_id = send_message(web, b"Subject: x\r\n\r\ny\r\n")
+    assert http_call(web, "GET", "/api/v1/message/%s/part/9.9" % message_id)[0] == 404
+
+
+def test_http_part_download(web):
+    message_id = send_message(web, MULTIPART)
+    status, headers, body = http_call(web, "GET", "/api/v1/message/%s/part/2" % message_id)
+    assert (status, body, headers["Content-Type"]) == (200, b"%PDF-1.4\n", "application/pdf")
+    assert headers["Content-Disposition"] == 'inline; filename="report.pdf"'
+    status, headers, body = http_call(web, "GET", "/api/v1/message/latest/part/1.2")
+    assert (status, headers["Content-Type"], body) == (200, "image/png", base64.b64decode("iVBORw0KGgo="))
+
+
+def test_http_part_that_a_browser_would_run_is_a_download(web):
+    message_id = send_message(web, b"""Content-Type: multipart/mixed; boundary=b
+
+--b
+Content-Type: text/plain
+
+see attachment
+--b
+Content-Type: text/html
+Content-Disposition: attachment; filename="evil.html"
+
+<script>alert(1)</script>
+--b--
+""")
+    status, headers, body = http_call(web, "GET", "/api/v1/message/%s/part/2" % message_id)
+    assert status == 200 and body == b"<script>alert(1)</script>"
+    assert headers["Content-Type"] == "application/octet-stream"
+    assert headers["Content-Disposition"].startswith("attachment;")
+    assert "sandbox" in headers["Content-Security-Policy"]
+
+
+def test_http_html_only_message_gets_text_and_snippet(web):
+    send_message(web, b"Subject: html\r\nContent-Type: text/html; charset=utf-8\r\n\r\n"
+                      b"<html><head><style>p{color:red}</style><script>x()</script></head>"
+                      b"<body><p>Hello&nbsp;<b>there</b></p><p>second &amp; last</p></body></html>\r\n")
+    summary = get_json(web, "/api/v1/messages")["messages"][0]
+    assert summary["Snippet"] == "Hello there second & last"
+    message = get_json(web, "/api/v1/message/latest")
+    assert message["Text"] == "Hello there\n\nsecond & last"
+    assert message["HTML"].startswith("<html>") and message["Attachments"] == []
+
+
+@pytest.mark.parametrize("raw, subject, name, text", [
+    (b"Subject: =?utf-8?b?w6nDqQ==?=\r\nFrom: =?iso-8859-1?q?J=F6rg?= <j@x.test>\r\n\r\nplain\r\n",
+     "éé", "Jörg", "plain"),
+    ("Subject: raw ütf-8\r\nFrom: Jürgen <j@x.test>\r\n\r\nbody ü\r\n".encode("utf-8"),
+     "raw ütf-8", "Jürgen", "body ü"),
+    (b"Subject: latin \xe9\r\nFrom: j@x.test\r\nContent-Type: text/plain; charset=iso-8859-1\r\n\r\ncaf\xe9\r\n",
+     "latin \ufffd", "", "café"),
+    (b"Subject: =?x-unknown?q?abc?=\r\nContent-Type: text/plain; charset=x-unknown\r\n\r\nna\xc3\xafve\r\n",
+     "abc", None, "naïve"),
+    (b"Subject: =?koi8-r?b?8NLJ18XU?=\r\nContent-Type: text/plain; charset=windows-1251\r\n\r\n\xcf\xf0\xe8\r\n",
+     "Привет", None, "При"),
+])
+def test_http_encoded_headers_and_charsets(web, raw, subject, name, text):
+    send_message(web, raw)
+    message = get_json(web, "/api/v1/message/latest")
+    assert message["Subject"] == subject
+    if name is not None:
+        assert message["From"]["Name"] == name
+    assert message["Text"].strip() == text
+
+
+@pytest.mark.parametrize("raw", [
+    b"Content-Type: multipart/mixed\r\n\r\nno boundary at all\r\n",
+    b"Content-Type: multipart/mixed; boundary=x\r\n\r\n--x\r\nContent-Transfer-Encoding: base64\r\n\r\n!!!not base64\r\n",
+    b"Content-Type: text/plain; charset=\"\r\nContent-Disposition: attachment; filename*=bogus''%ZZ\r\n\r\nx\r\n",
+    b"From: <<<@@@>>>\r\nTo: ,,,;;;\r\nDate: yesterday-ish\r\nSubject: =?utf-8?q?broken\r\n\r\nx\r\n",
+    b"no header line at all\r\n\r\n",
+    b"Content-Type: message/rfc822\r\n\r\nSubject: inner\r\n\r\ninner body\r\n",
+])
+def test_http_malformed_mime_never_fails(web, raw):
+    message_id = send_message(web, raw)
+    summary = get_json(web, "/api/v1/messages")["messages"][0]
+    assert summary["ID"] == message_id
+    message = get_json(web, "/api/v1/message/%s" % message_id)
+    assert re.fullmatch(RFC3339_RE, message["Date"])
+    assert isinstance(message["Text"], str)
+    for part in message["Attachments"] + message["Inline"]:
+        assert http_call(web, "GET", "/api/v1/message/%s/part/%s" % (message_id, part["PartID"]))[0] == 200
+    assert http_call(web, "GET", "/view/%s.html" % message_id)[0] == 200
+
+
+def test_http_headers_endpoint(web):
+    message_id = send_message(web, b"Subject: folded\r\n line\r\nX-Two: a\r\nx-two: b\r\nMESSAGE-ID: <h@x>\r\n\r\nx\r\n")
+    headers = get_json(web, "/api/v1/message/%s/headers" % message_id)
+    assert list(headers) == sorted(headers)
+    assert headers["Subject"] == ["folded line"]
+    assert headers["X-Two"] == ["a", "b"] and headers["Message-Id"] == ["<h@x>"]
+    assert headers["Delivered-To"] == ["user@example.test"] and headers["Return-Path"] == ["<a@sender.test>"]
+
+
+def test_http_raw_is_the_stored_file(web):
+    message_id = send_message(web, b"Subject: raw\r\n\r\nline\r\n")
+    with open(os.path.join(web.maildir.root, "user@example.test", stored_files(web, "user@example.test")[0]), "rb") as file:
+        stored = file.read()
+    status, headers, body = http_call(web, "GET", "/api/v1/message/%s/raw" % message_id)
+    assert (status, body) == (200, stored)
+    assert headers["Content-Type"] == "text/plain; charset=utf-8" and "Content-Disposition" not in headers
+    headers = http_call(web, "GET", "/api/v1/message/%s/raw?dl=1" % message_id)[1]
+    assert headers["Content-Disposition"] == 'attachment; filename="%s.eml"' % message_id
+
+
+def test_http_search(web):
+    plain = send_message(web, b"From: Alice <alice@sender.test>\r\nTo: bob@example.test\r\nSubject: Quarterly numbers\r\n\r\nthe secret word is pineapple\r\n",
+                         rcpts=("bob@example.test",))
+    blind = send_message(web, b"From: mallory@evil.test\r\nSubject: hello world\r\n\r\nno To header here\r\n",
+                         rcpts=("dave@example.test",))
+    attached = send_message(web, MULTIPART, rcpts=("bob@example.test",))
+
+    def ids(query):
+        data = get_json(web, "/api/v1/search?query=" + urllib.parse.quote(query))
+        assert data["messages_count"] == len(data["messages"]) and data["total"] == 3
+        return [message["ID"] for message in data["messages"]]
+    assert ids("from:alice") == [plain]
+    assert ids("to:bob@example.test") == [attached, plain]
+    assert ids("to:dave") == [blind]                   # the envelope recipient counts
+    assert ids("subject:quarterly") == [plain]
+    assert ids("PINEAPPLE") == [plain]
+    assert ids('"hello world"') == [blind] and ids("hello world") == [blind]
+    assert ids("world -hello") == [] and ids("!from:alice") == [attached, blind]
+    assert ids("has:attachment") == [attached] and ids("has:inline") == [attached]
+    assert ids("mailbox:dave@example.test") == [blind]
+    assert ids("report.pdf") == [attached]
+    assert ids("is:unread") == [attached, blind, plain]
+    get_json(web, "/api/v1/message/%s" % plain)
+    assert ids("is:read") == [plain] and ids("is:unread") == [attached, blind]
+    data = get_json(web, "/api/v1/search?query=is:unread")
+    assert (data["messages_unread"], data["unread"]) == (2, 2)
+    assert http_call(web, "GET", "/api/v1/search?query=%20")[0] == 400
+
+
+def test_http_put_read_state(web):
+    first = send_message(web, b"Subject: a\r\n\r\nx\r\n", rcpts=("bob@example.test", "eve@example.test"))
+    second = send_message(web, b"Subject: b\r\n\r\nx\r\n")
+
+    def put(body, content_type="application/json"):
+        return http_call(web, "PUT", "/api/v1/messages", body, {"Content-Type": content_type})
+    status, headers, body = put(json.dumps({"IDs": [first], "Read": True}).encode())
+    assert (status, body, headers["Content-Type"]) == (200, b"ok", "text/plain; charset=utf-8")
+    assert all(name.endswith(":2,S") for box in ("bob@example.test", "eve@example.test")
+               for name in stored_files(web, box))
+    assert [m["Read"] for m in get_json(web, "/api/v1/messages")["messages"]] == [False, True]
+    assert put(b"ids=%s&Read=false" % first.encode(), "application/x-www-form-urlencoded")[0] == 200
+    assert get_json(web, "/api/v1/messages")["unread"] == 2
+    assert put(json.dumps({"Search": "subject:b", "Read": True}).encode())[0] == 200
+    assert [m["Read"] for m in get_json(web, "/api/v1/messages")["messages"]] == [True, False]
+    assert put(b'{"Read": true}')[0] == 200                         # no IDs: every message
+    assert get_json(web, "/api/v1/messages")["unread"] == 0
+    assert put(json.dumps({"IDs": [second], "Search": "x", "Read": False}).encode())[0] == 400
+    assert put(b'{"IDs": "not a list"}')[0] == 400
+    assert put(b"{broken")[0] == 400
+    assert put(b'{"Read": false, "IDs": ["unknown-id"]}')[0] == 200
+    assert get_json(web, "/api/v1/messages")["unread"] == 0
+
+
+def test_http_delete_by_ids_removes_every_copy(web):
+    first = send_message(web, b"Subject: a\r\n\r\nx\r\n", rcpts=("bob@example.test", "eve@example.test"))
+    second = send_message(web, b"Subject: b\r\n\r\nx\r\n", rcpts=("bob@example.test",))
+    third = send_message(web, b"Subject: c\r\n\r\nx\r\n")
+    status, _, body = http_call(web, "DELETE", "/api/v1/messages", json.dumps({"IDs": [first]}).encode(),
+                                {"Content-Type": "application/json"})
+    assert (status, body) == (200, b"ok")
+    assert stored_files(web, "eve@example.test") == []
+    assert [name[4:].split(",")[0] for name in stored_files(web, "bob@example.test")] == [second]
+    form = urllib.parse.urlencode([("ids", second), ("ids", "unknown")]).encode()
+    assert http_call(web, "DELETE", "/api/v1/messages", form)[0] == 200      # form body, as a client sends
+    assert stored_files(web, "bob@example.test") == []
+    assert [m["ID"] for m in get_json(web, "/api/v1/messages")["messages"]] == [third]
+
+
+@pytest.mark.parametrize("body", [b"{not json", b"[1, 2]", b'{"IDs": [1, 2]}', b"\xff\xfe",
+                                  b'{"IDs": "abc"}', b"a=1&&&=", b"%%%"])
+def test_http_delete_with_unparsable_body_deletes_nothing(web, body):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    status = http_call(web, "DELETE", "/api/v1/messages", body, {"Content-Type": "application/json"})[0]
+    assert status == 400
+    assert len(stored_files(web, "user@example.test")) == 1
+
+
+def test_http_delete_with_empty_body_deletes_all(web):
+    for number in range(3):
+        send_message(web, "Subject: %d\r\n\r\nx\r\n" % number, rcpts=("bob@example.test", "eve@example.test"))
+    assert http_call(web, "DELETE", "/api/v1/messages")[0] == 200
+    assert stored_files(web, "bob@example.test") == stored_files(web, "eve@example.test") == []
+    assert get_json(web, "/api/v1/messages")["total"] == 0
+
+
+def test_http_delete_search(web):
+    keep = send_message(web, b"Subject: keep me\r\n\r\nx\r\n")
+    send_message(web, b"Subject: drop me\r\n\r\nx\r\n")
+    assert http_call(web, "DELETE", "/api/v1/search?query=")[0] == 400
+    assert http_call(web, "DELETE", "/api/v1/search?query=subject:drop")[:3:2] == (200, b"ok")
+    assert [m["ID"] for m in get_json(web, "/api/v1/messages")["messages"]] == [keep]
+
+
+def test_http_info_health_and_mailboxes(web):
+    send_message(web, b"Subject: a\r\n\r\nx\r\n", rcpts=("bob@example.test", "eve@example.test"))
+    info = get_json(web, "/api/v1/info")
+    assert info["Version"] == minimail.__version__ and info["Messages"] == 1 and info["Unread"] == 1
+    assert info["Database"] == web.maildir.root and info["DatabaseSize"] > 0 and info["Tags"] == {}
+    assert info["RuntimeStats"]["SMTPAccepted"] == 1
+    assert {"Uptime", "Memory", "MessagesDeleted", "SMTPAcceptedSize"} <= set(info["RuntimeStats"])
+    for path in ("/livez", "/readyz"):
+        assert http_call(web, "GET", path)[0] == 200
+    assert get_json(web, "/api/v1/mailboxes") == {"total": 1, "unread": 1, "mailboxes": [
+        {"Name": "bob@example.test", "Total": 1, "Unread": 1},
+        {"Name": "eve@example.test", "Total": 1, "Unread": 1}]}
+
+
+@pytest.mark.parametrize("headers", [
+    {"Origin": "http://evil.test"}, {"Origin": "null"}, {"Referer": "http://evil.test/page"},
+    {"Origin": "http://127.0.0.1:1"}, {"Sec-Fetch-Site": "cross-site"},
+    {"Referer": "http://127.0.0.1:{port}.evil.test/"},
+])
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "POST"])
+def test_http_cross_site_state_change_refused(web, headers, method):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    headers = {name: value.replace("{port}", str(web.http_port)) for name, value in headers.items()}
+    status, response_headers, _ = http_call(web, method, "/api/v1/messages", b"", headers)
+    assert status == 403
+    assert len(stored_files(web, "user@example.test")) == 1
+    assert not any(name.lower().startswith("access-control-") for name in response_headers)
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Origin": "http://127.0.0.1:{port}"}, {"Referer": "http://127.0.0.1:{port}/"},
+    {"Sec-Fetch-Site": "same-origin", "Origin": "http://127.0.0.1:{port}"}])
+def test_http_same_origin_and_api_clients_may_delete(web, headers):
+    send_message(web, b"Subject: go\r\n\r\nx\r\n")
+    headers = {name: value.replace("{port}", str(web.http_port)) for name, value in headers.items()}
+    assert http_call(web, "DELETE", "/api/v1/messages", b"", headers)[0] == 200
+    assert stored_files(web, "user@example.test") == []
+
+
+def test_http_page_is_self_contained_and_locked_down(web):
+    status, headers, body = http_call(web, "GET", "/")
+    page = body.decode("utf-8")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    csp = headers["Content-Security-Policy"]
+    nonce = re.search(r"script-src 'nonce-([^']+)'", csp).group(1)
+    assert '<script nonce="%s">' % nonce in page and '<style nonce="%s">' % nonce in page
+    assert "default-src 'none'" in csp and "frame-ancestors 'none'" in csp and "unsafe" not in csp
+    assert nonce != re.search(r"nonce-([^']+)", http_call(web, "GET", "/")[1]["Content-Security-Policy"]).group(1)
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//|@import|url\(""", page)   # works offline
+    assert "innerHTML" not in page and "insertAdjacentHTML" not in page and "document.write" not in page
+    sandbox = re.search(r'setAttribute\("sandbox", "([^"]*)"\)', page).group(1)
+    assert "allow-scripts" not in sandbox and "allow-same-origin" not in sandbox
+    assert "EventSource(\"/api/v1/events\")" in page and headers["X-Content-Type-Options"] == "nosniff"
+
+
+def test_http_view_html_is_sandboxed_without_remote_content(web):
+    message_id = send_message(web, MULTIPART)
+    status, headers, body = http_call(web, "GET", "/view/%s.html" % message_id)
+    csp = headers["Content-Security-Policy"]
+    assert status == 200 and csp.startswith("sandbox ") and "allow-scripts" not in csp
+    assert "allow-same-origin" not in csp and "default-src 'none'" in csp
+    assert re.search(r"img-src 'self' data:;", csp) and "frame-ancestors http://127.0.0.1:%d;" % web.http_port in csp
+    assert ('<img src="/api/v1/message/%s/part/1.2">' % message_id).encode() in body      # cid: resolved
+    remote = http_call(web, "GET", "/view/%s.html?remote=1" % message_id)[1]["Content-Security-Policy"]
+    assert "img-src 'self' data: https: http:" in remote and remote.startswith("sandbox ")
+
+
+def test_http_message_strings_reach_the_page_only_as_json(web):
+    send_message(web, b"From: \"<img src=x onerror=alert(1)>\" <x@evil.test>\r\n"
+                      b"Subject: <script>alert(1)</script>\r\n\r\n</pre><script>alert(2)</script>\r\n")
+    status, headers, body = http_call(web, "GET", "/api/v1/messages")
+    assert headers["Content-Type"] == "application/json" and headers["X-Content-Type-Options"] == "nosniff"
+    assert "sandbox" in headers["Content-Security-Policy"]
+    assert json.loads(body)["messages"][0]["Subject"] == "<script>alert(1)</script>"
+    assert b"<script>" not in http_call(web, "GET", "/")[2].split(b"<script nonce")[0]
+
+
+def test_http_wait_answers_at_once_with_the_newest_match(web):
+    send_message(web, b"Subject: code 111\r\n\r\nx\r\n")
+    newest = send_message(web, b"Subject: code 222\r\n\r\nx\r\n")
+    send_message(web, b"Subject: other\r\n\r\nx\r\n")
+    started = time.monotonic()
+    summary = get_json(web, "/api/v1/wait?query=subject:code&timeout=10")
+    assert summary["ID"] == newest and "Mailboxes" in summary
+    assert time.monotonic() - started < 5
+
+
+def test_http_wait_returns_when_a_message_arrives(web):
+    first = send_message(web, b"Subject: before\r\n\r\nx\r\n")
+    result = {}
+
+    def waiter():
+        result["reply"] = http_call(web, "GET", "/api/v1/wait?query=to:late@example.test&timeout=10&after=%s" % first)
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    try:
+        arrived = send_message(web, b"Subject: late\r\n\r\nx\r\n", rcpts=("late@example.test",))
+    finally:
+        thread.join(15)
+    status, _, body = result["reply"]
+    assert status == 200 and json.loads(body)["ID"] == arrived
+
+
+def test_http_wait_after_skips_older_matches(web):
+    old = send_message(web, b"Subject: token\r\n\r\nx\r\n")
+    started = time.monotonic()
+    status, _, body = http_call(web, "GET", "/api/v1/wait?query=token&timeout=0.3&after=%s" % old)
+    assert status == 408 and time.monotonic() - started >= 0.3
+
+
+@pytest.mark.parametrize("query, status", [("timeout=soon", 400), ("timeout=nan", 400), ("timeout=-1", 400),
+                                           ("after=no-such-id&timeout=1", 404), ("timeout=0", 408)])
+def test_http_wait_errors(web, query, status):
+    assert http_call(web, "GET", "/api/v1/wait?query=nothing-matches&" + query)[0] == status
+
+
+def test_http_wait_sees_mail_written_by_another_process(make_server):
+    app = make_server(http=("127.0.0.1", 0), http_scan_interval=0.05)
+    box = os.path.join(app.maildir.root, "other@example.test")
+    result = {}
+    thread = threading.Thread(target=lambda: result.setdefault(
+        "reply", http_call(app, "GET", "/api/v1/wait?query=subject:foreign&timeout=10")))
+    thread.start()
+    try:
+        for sub in ("tmp", "new", "cur"):
+            os.makedirs(os.path.join(box, sub))
+        with open(os.path.join(box, "tmp", "1700000000.foreign"), "wb") as file:
+            file.write(b"Subject: foreign\n\nwritten elsewhere\n")
+        os.rename(os.path.join(box, "tmp", "1700000000.foreign"), os.path.join(box, "new", "1700000000.foreign"))
+    finally:
+        thread.join(15)
+    status, _, body = result["reply"]
+    summary = json.loads(body)
+    assert status == 200 and summary["ID"] == "1700000000.foreign"
+    assert summary["Created"] == "2023-11-14T22:13:20.000+00:00"
+
+
+def read_event(response):
+    """The next (event, data) of a server-sent event stream."""
+    event = data = None
+    while True:
+        line = response.readline()
+        if not line:
+            raise EOFError("event stream closed")
+        line = line.decode("utf-8").rstrip("\n")
+        if line.startswith("event: "):
+            event = line[7:]
+        elif line.startswith("data: "):
+            data = json.loads(line[6:])
+        elif not line and event:
+            return event, data
+
+
+def test_http_events_stream_new_and_delete(web):
+    connection = http.client.HTTPConnection("127.0.0.1", web.http_port, timeout=5)
+    try:
+        connection.request("GET", "/api/v1/events")
+        response = connection.getresponse()
+        assert response.status == 200 and response.headers["Content-Type"].startswith("text/event-stream")
+        message_id = send_message(web, b"Subject: live\r\n\r\nx\r\n")
+        event, data = read_event(response)
+        assert event == "new" and data["ID"] == message_id and data["Subject"] == "live"
+        assert http_call(web, "DELETE", "/api/v1/messages", json.dumps({"IDs": [message_id]}).encode())[0] == 200
+        assert read_event(response) == ("delete", {"IDs": [message_id]})
+    finally:
+        connection.close()
+
+
+def test_http_events_and_waits_end_when_the_app_stops(tmp_path):
+    app = minimail.App(base_config(tmp_path, http=("127.0.0.1", 0)))
+    app.start()
+    connection = http.client.HTTPConnection("127.0.0.1", app.http_port, timeout=5)
+    result = {}
+    waiter = threading.Thread(target=lambda: result.setdefault(
+        "reply", http_call(app, "GET", "/api/v1/wait?query=never&timeout=60")))
+    try:
+        connection.request("GET", "/api/v1/events")
+        response = connection.getresponse()
+        waiter.start()
+        assert wait_for(lambda: any(getattr(handler, "path", "").startswith("/api/v1/wait")
+                                    for handler in list(app.servers["http"].handlers)), timeout=5)
+        started = time.monotonic()
+        app.stop()
+        assert time.monotonic() - started < 4
+        with pytest.raises(EOFError):
+            read_event(response)
+    finally:
+        connection.close()
+        waiter.join(10)
+        app.stop()
+    assert result["reply"][0] == 503
+
+
+def test_http_accounts_required_off_loopback(make_server):
+    config = dict(http=("127.0.0.1", 0), loopback_networks=("192.0.2.0/24",),
+                  users=(("bob@example.test", "bobpw"), ("eve@example.test", "evepw")))
+    app = make_server(**config)
+    shared = send_message(app, b"Subject: both\r\n\r\nx\r\n", rcpts=("bob@example.test", "eve@example.test"))
+    own = send_message(app, b"Subject: bob only\r\n\r\nx\r\n", rcpts=("bob@example.test",))
+
+    def basic(user, password):
+        return {"Authorization": "Basic " + base64.b64encode(("%s:%s" % (user, password)).encode()).decode()}
+    status, headers, _ = http_call(app, "GET", "/api/v1/messages")
+    assert status == 401 and headers["WWW-Authenticate"].startswith("Basic ")
+    assert http_call(app, "GET", "/", headers=basic("bob@example.test", "wrong"))[0] == 401
+    assert http_call(app, "GET", "/livez")[0] == 200
+    status, _, body = http_call(app, "GET", "/api/v1/messages", headers=basic("eve@example.test", "evepw"))
+    data = json.loads(body)
+    assert status == 200 and [m["ID"] for m in data["messages"]] == [shared] and data["total"] == 1
+    assert data["messages"][0]["Mailboxes"] == ["eve@example.test"]
+    assert http_call(app, "GET", "/api/v1/message/%s" % own, headers=basic("eve@example.test", "evepw"))[0] == 404
+    assert http_call(app, "DELETE", "/api/v1/messages", headers=basic("eve@example.test", "evepw"))[0] == 200
+    assert stored_files(app, "eve@example.test") == [] and len(stored_files(app, "bob@example.test")) == 2
+    status, _, body = http_call(app, "GET", "/api/v1/messages", headers=basic("bob@example.test", "bobpw"))
+    assert json.loads(body)["total"] == 2
+
+
+def test_http_non_loopback_without_accounts_refused(tmp_path):
+    app = minimail.App(base_config(tmp_path, http=("127.0.0.1", 0), loopback_networks=("192.0.2.0/24",)))
+    with pytest.raises(minimail.ConfigError, match="http on non-loopback"):
+        app.start()
+
+
+def test_http_connection_cap_answers_503(make_server):
+    app = make_server(http=("127.0.0.1", 0), max_connections=1)
+    holder = socket.create_connection(("127.0.0.1", app.http_port), timeout=5)
+    try:
+        holder.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")      # keep-alive: stays open
+        assert holder.recv(65536).startswith(b"HTTP/1.1 200 ")
+        with socket.create_connection(("127.0.0.1", app.http_port), timeout=5) as refused:
+            data = b""
+            while True:
+                chunk = refused.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 503 ") and data.endswith(b"\r\n\r\nToo many connections\n")
+    finally:
+        holder.close()
+
+
+@pytest.mark.parametrize("request_bytes, status", [
+    (b"GARBAGE\r\n\r\n", 400),
+    (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
+    (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", 413),
+    (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"PATCH /api/v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 501),
+    (b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"GET /nothing/here HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+])
+def test_http_bad_requests_get_one_error(web, request_bytes, status):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    with socket.create_connection(("127.0.0.1", web.http_port), timeout=5) as client:
+        client.sendall(request_bytes)
+        reply = client.recv(65536)
+    assert reply.startswith(b"HTTP/1.") and int(reply.split()[1]) == status, reply[:200]
+    assert len(stored_files(web, "user@example.test")) == 1
+
+
+def warmed_up(app):
+    """True once the index's background warm-up thread has finished."""
+    return not any(thread.name == "http-index" and thread.is_alive() for thread in app.threads)
+
+
+def test_http_list_parses_only_the_page(web):
+    assert wait_for(lambda: warmed_up(web), timeout=10)       # it found an empty maildir
+    box = os.path.join(web.maildir.root, "many@example.test")
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(box, sub))
+    for number in range(120):
+        with open(os.path.join(box, "new", "%d.M000000P1Q%d.host" % (1700000000 + number, number)), "wb") as file:
+            file.write(b"Subject: n%d\n\nx\n" % number)
+    data = get_json(web, "/api/v1/messages?limit=50")
+    assert data["total"] == 120 and data["messages"][0]["Subject"] == "n119"
+    assert len(web.mail_index.summaries) == 50               # parsed once, and only the page
+    assert get_json(web, "/api/v1/messages?start=50&limit=50")["messages"][0]["Subject"] == "n69"
+    assert len(web.mail_index.summaries) == 100
+
+
+def test_http_cli_option_and_lazy_import(tmp_path):
+    assert "--http" in run_cli("--help").stdout and "127.0.0.1:8025" in run_cli("--help").stdout
+    process, lines = start_cli(tmp_path, "--http", "127.0.0.1:0")
+    try:
+        http_line = [line for line in lines if line.startswith("minimail: http listening on 127.0.0.1:")]
+        assert http_line and not http_line[0].rstrip().endswith(":0")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.communicate(timeout=20)
+    code = ("import sys, minimail; app = minimail.App(minimail.Config(maildir=%r, smtp=('127.0.0.1', 0))); "
+            "app.start(); app.stop(); print('http.server' in sys.modules)" % str(tmp_path / "m"))
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, cwd=HERE)
+    assert result.stdout.strip() == "False", result.stderr
+
+
+def test_http_index_warms_up_in_the_background(tmp_path):
+    box = tmp_path / "maildir" / "old@example.test"
+    for sub in ("tmp", "new", "cur"):
+        (box / sub).mkdir(parents=True)
+    for number in range(30):
+        (box / "new" / ("%d.M000000P1Q%d.host" % (1700000000 + number, number))).write_bytes(b"Subject: s\n\nx\n")
+    with running(base_config(tmp_path, http=("127.0.0.1", 0))) as app:
+        assert wait_for(lambda: warmed_up(app), timeout=10)
+        assert len(app.mail_index.summaries) == 30
