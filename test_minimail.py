@@ -1109,7 +1109,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
 def start_cli(tmp_path, *args):
     """Start minimail as a process; return it and its startup lines (ports read from them)."""
     process = subprocess.Popen([sys.executable, MINIMAIL, "--maildir", str(tmp_path / "md"),
-                                "--domain", "example.test", "--smtp", "127.0.0.1:0", *args],
+                                "--domain", "example.test", "--smtp", "127.0.0.1:0",
+                                "--pop3", "127.0.0.1:0", *args],
                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     lines = []
     while True:
