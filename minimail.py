@@ -59,13 +59,15 @@ RECV_SIZE = 64 * 1024               # one socket read (below glibc's mmap thresh
 WRITE_BUFFER = 256 * 1024           # buffered writes of message files, and of replies
 READ_BLOCK = 64 * 1024              # one read of a message file
 WIRE_SIZE_CACHE = 100_000           # remembered wire sizes of untagged message files
+LISTING_CACHE = 50_000              # messages in remembered mailbox listings
+FOLDER_MTIME_TRUST = 1.0            # seconds: a folder changed more recently is listed again
 POP3_MAX_COMMAND_LINE = 512         # SPEC 5 (RFC 2449 4 asks clients for at most 255)
 POP3_LOCK_FILE = ".minimail-pop3.lock"  # in the mailbox folder, beside tmp/ new/ cur/
+POP3_MAX_UIDL = 70                  # RFC 1939 7: a unique-id is 1 to 70 characters 0x21-0x7E
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")   # SPEC 1
 
 VERB_RE = re.compile(rb"[A-Za-z]{1,12}")
 DATA_TERMINATOR = b"\r\n.\r\n"      # RFC 5321 4.1.1.4: the only end of DATA
-UIDL_RE = re.compile(r"[\x21-\x7e]{1,70}")    # RFC 1939 7: a unique-id
 
 log = logging.getLogger("minimail")
 
@@ -349,27 +351,27 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class WireSizeCache:
-    """A bounded, thread-safe memory of wire sizes counted by reading message files.
+class BoundedCache:
+    """A thread-safe dict that forgets its oldest entries past a total weight."""
 
-    Keys say what one stat() tells about a file (path, size, mtime, ctime), so a file
-    changed in any way is counted again; the oldest entries are dropped past capacity.
-    """
-
-    def __init__(self, capacity: int = WIRE_SIZE_CACHE):
+    def __init__(self, capacity: int):
         self.capacity = capacity
         self.lock = threading.Lock()
-        self.sizes = {}
+        self.entries = {}           # key -> (value, weight), oldest first
+        self.weight = 0
 
-    def get(self, key: tuple) -> Optional[int]:
+    def get(self, key):
         with self.lock:
-            return self.sizes.get(key)
+            entry = self.entries.get(key)
+        return None if entry is None else entry[0]
 
-    def put(self, key: tuple, size: int) -> None:
+    def put(self, key, value, weight: int = 1) -> None:
         with self.lock:
-            self.sizes[key] = size
-            while len(self.sizes) > self.capacity:
-                del self.sizes[next(iter(self.sizes))]
+            old = self.entries.pop(key, None)
+            self.weight += weight - (old[1] if old else 0)
+            self.entries[key] = (value, weight)
+            while self.weight > self.capacity and self.entries:
+                self.weight -= self.entries.pop(next(iter(self.entries)))[1]
 
 
 @dataclass
@@ -380,7 +382,7 @@ class StoredMessage:
     name: str               # the file name: ID, optional ,S=/,W= tags, optional :2,FLAGS
     path: str
 
-    @property
+    @cached_property
     def id(self) -> str:
         return message_id_of(self.name)
 
@@ -390,13 +392,14 @@ class StoredMessage:
         _, sep, flags = self.name.partition(":2,")
         return flags if sep else ""
 
-    def wire_size(self, cache: Optional[WireSizeCache] = None) -> int:
+    def wire_size(self, cache: Optional[BoundedCache] = None) -> int:
         """Bytes the message takes on the wire with CRLF line ends (POP3 octets, RFC 1939 11).
 
         On the wire every LF not preceded by CR becomes CRLF, and a last line without a line
         end gets CRLF. The ,W= tag is trusted only when ,S= equals the real size (SPEC 3);
         otherwise the file is read once to count its line ends, and the result is kept in
-        cache (if given) for as long as the file's path, size and times stay the same.
+        cache (if given): its key is the file's path, size and times, so a file changed in
+        any way is counted again.
         """
         status = os.stat(self.path)
         real_size = status.st_size
@@ -428,7 +431,8 @@ class Maildir:
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
-        self.wire_sizes = WireSizeCache()
+        self.wire_sizes = BoundedCache(WIRE_SIZE_CACHE)     # file -> counted wire size
+        self.listings = BoundedCache(LISTING_CACHE)         # mailbox -> sized_messages()
 
     def path(self, mailbox: str) -> str:
         return os.path.join(self.root, mailbox)
@@ -455,6 +459,38 @@ class Maildir:
                          for name in names if not name.startswith("."))
         found.sort(key=lambda message: message.name)
         return found
+
+    def sized_messages(self, mailbox: str) -> list:
+        """messages() with their wire sizes, [(StoredMessage, size)]; files that vanish
+        while listing are left out.
+
+        While neither new/ nor cur/ has changed since an earlier call, that call's list is
+        returned without listing or stat()ing any file: Maildir files are never rewritten,
+        so a delivery, move or removal always changes its folder's mtime. A folder changed
+        less than FOLDER_MTIME_TRUST ago is not trusted so (timestamps may be coarse).
+        """
+        now_ns = time.time_ns()
+        folders = []
+        for folder in ("new", "cur"):
+            try:
+                status = os.stat(os.path.join(self.root, mailbox, folder))
+                folders.append((status.st_ino, status.st_mtime_ns))
+            except FileNotFoundError:
+                folders.append(None)
+        signature = tuple(folders)
+        cached = self.listings.get(mailbox)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        listing = []
+        for message in self.messages(mailbox):
+            try:
+                listing.append((message, message.wire_size(self.wire_sizes)))
+            except FileNotFoundError:
+                continue            # removed, or moved to cur/, while listing
+        settled_ns = now_ns - int(FOLDER_MTIME_TRUST * 1e9)
+        if all(folder is None or folder[1] < settled_ns for folder in folders):
+            self.listings.put(mailbox, (signature, listing), max(1, len(listing)))
+        return listing
 
     def find(self, mailbox: str, message_id: str) -> Optional[StoredMessage]:
         """The current file of a message by ID, wherever it moved between new/ and cur/."""
@@ -1561,7 +1597,8 @@ class Maildrop:
 
 def uidl_of(message_id: str) -> str:
     """The RFC 1939 unique-id of a message: its ID, or a hash when the ID is not a valid one."""
-    if UIDL_RE.fullmatch(message_id):
+    if 0 < len(message_id) <= POP3_MAX_UIDL and message_id.isascii() \
+            and message_id.isprintable() and " " not in message_id:
         return message_id
     return hashlib.sha256(os.fsencode(message_id)).hexdigest()
 
@@ -1658,7 +1695,7 @@ class POP3Handler(LineHandler):
         if lines is None:
             self.send(status)
         else:
-            self.send(status + b"".join(line.encode() + b"\r\n" for line in lines) + b".\r\n")
+            self.send(status + "".join([line + "\r\n" for line in lines]).encode() + b".\r\n")
 
     def format_reply(self, reply: Reply) -> bytes:
         if reply.status:
@@ -1745,26 +1782,14 @@ class POP3Handler(LineHandler):
             raise Reply("-ERR", "IN-USE", "Mailbox is in use by another POP3 session")
         self.maildrop = Maildrop(mailbox, folder, lock_fd, [])
         try:
-            self.maildrop.messages = self._list_messages(mailbox)
+            self.maildrop.messages = [POP3Message(stored, octets) for stored, octets
+                                      in self.app.maildir.sized_messages(mailbox)]
         except OSError as exc:
             log.error("%s cannot list mailbox %s: %s", self.sid, mailbox, exc)
             self._unlock()
             raise Reply("-ERR", "SYS/TEMP", "Cannot read the mailbox, try again later") from None
         log.info("%s pop3 login %s: %d messages", self.sid, mailbox, len(self.maildrop.messages))
         self.ok("Logged in, %d messages" % len(self.maildrop.messages))
-
-    def _list_messages(self, mailbox: str) -> list:
-        """The maildrop at login: the messages present now, with their octet counts."""
-        maildir = self.app.maildir
-        messages = []
-        for stored in maildir.messages(mailbox):
-            try:
-                messages.append(POP3Message(stored, stored.wire_size(maildir.wire_sizes)))
-            except FileNotFoundError:
-                continue                # removed (or moved to cur/) while listing
-            except OSError as exc:      # not a readable file: leave it out, serve the rest
-                log.warning("%s skipping %s: %s", self.sid, stored.path, exc)
-        return messages
 
     def _unlock(self) -> None:
         maildrop, self.maildrop = self.maildrop, None

@@ -1757,6 +1757,41 @@ def test_pop3_list_reads_no_message_bodies_once_sizes_are_known(pop):
     assert second < len(body)                   # later ones stat() the files, nothing more
 
 
+def test_pop3_remembered_listing_follows_every_change(pop):
+    """A listing reused while new/ and cur/ are unchanged still sees every change made."""
+    put_message(pop, "u@example.test", "1.msg", b"one\n")
+    put_message(pop, "u@example.test", "2.msg", b"two\n")
+    folders = [os.path.join(pop.maildir.path("u@example.test"), sub) for sub in ("new", "cur")]
+
+    def settle():                               # as if the last change were a minute ago
+        for folder in folders:
+            os.utime(folder, (time.time() - 60, time.time() - 60))
+
+    def uidls():
+        client = pop_client(pop)
+        try:
+            return [line.split()[1] for line in client.uidl()[1]]
+        finally:
+            client.quit()
+
+    settle()
+    assert uidls() == [b"1.msg", b"2.msg"]
+    assert pop.maildir.listings.get("u@example.test") is not None     # remembered
+    with smtp_client(pop.smtp_port) as client:
+        client.sendmail("a@sender.test", ["u@example.test"], b"x\r\n")
+    assert len(uidls()) == 3
+    settle()
+    uidls()
+    first, second = pop.maildir.messages("u@example.test")[:2]
+    pop.maildir.set_flags(first, "S")
+    os.unlink(second.path)
+    client = pop_client(pop)
+    assert [line.split()[1] for line in client.uidl()[1]][0] == b"1.msg"
+    assert client.stat()[0] == 2
+    client.retr(1)
+    client.quit()
+
+
 def test_app_refuses_non_loopback_pop3_without_accounts(tmp_path):
     app = minimail.App(base_config(tmp_path, pop3=("0.0.0.0", 0)))
     with pytest.raises(minimail.ConfigError, match="pop3 .*needs accounts"):
