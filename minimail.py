@@ -22,7 +22,6 @@ import binascii
 import dataclasses
 import errno
 import fcntl
-import hashlib
 import hmac
 import ipaddress
 import logging
@@ -133,7 +132,7 @@ class Config:
     max_size: int = 26_214_400                      # bytes; SPEC --max-size
     max_connections: int = 100                      # per listener
     timeout: float = 300.0                          # seconds; RFC 5321 4.5.3.2.7
-    auth_failure_delay: float = 1.0                 # seconds before refusing a login
+    auth_failure_delay: float = 1.0                 # seconds before a 535 reply
     loopback_networks: tuple[str, ...] = LOOPBACK_NETWORKS   # tests narrow this
 
     @cached_property
@@ -460,8 +459,8 @@ class Maildir:
         found.sort(key=lambda message: message.name)
         return found
 
-    def sized_messages(self, mailbox: str) -> list:
-        """messages() with their wire sizes, [(StoredMessage, size)]; files that vanish
+    def sized_messages(self, mailbox: str) -> tuple:
+        """messages() with their wire sizes, ((StoredMessage, size), ...); files that vanish
         while listing are left out.
 
         While neither new/ nor cur/ has changed since an earlier call, that call's list is
@@ -487,6 +486,7 @@ class Maildir:
                 listing.append((message, message.wire_size(self.wire_sizes)))
             except FileNotFoundError:
                 continue            # removed, or moved to cur/, while listing
+        listing = tuple(listing)    # shared by the sessions that reuse it
         settled_ns = now_ns - int(FOLDER_MTIME_TRUST * 1e9)
         if all(folder is None or folder[1] < settled_ns for folder in folders):
             self.listings.put(mailbox, (signature, listing), max(1, len(listing)))
@@ -1600,6 +1600,7 @@ def uidl_of(message_id: str) -> str:
     if 0 < len(message_id) <= POP3_MAX_UIDL and message_id.isascii() \
             and message_id.isprintable() and " " not in message_id:
         return message_id
+    import hashlib      # loads OpenSSL's hashes (3 MB): only for an ID that needs it
     return hashlib.sha256(os.fsencode(message_id)).hexdigest()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import dataclasses
+import logging
 import os
 import poplib
 import shutil
@@ -1657,6 +1658,30 @@ def test_pop3_stls_discards_plaintext_and_resets_session(make_server, tls_files)
         assert client.command(b"PASS secret") == b"-ERR Send USER first"
         client.login(b"alice@example.test", b"secret")
         assert client.command(b"STLS").startswith(b"-ERR")
+
+
+def test_pop3_tls_handshake_garbage_closes_quietly(pop_tls):
+    with RawPOP3(pop_tls.pop3_port) as client:
+        assert client.command(b"STLS").startswith(b"+OK")
+        client.send(b"this is not a TLS client hello\r\n" * 10)
+        assert client.closed()
+    with RawPOP3(pop_tls.pop3_port) as client:
+        assert client.command(b"CAPA").startswith(b"+OK")
+
+
+def test_pop3_passwords_masked_in_debug_log(make_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="minimail")
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE)
+    with RawPOP3(app.pop3_port) as client:
+        client.login(b"alice@example.test", b"secret")
+        assert client.command(b"QUIT") == b"+OK Bye"
+    with RawPOP3(app.pop3_port) as client:
+        assert client.command(b"AUTH PLAIN") == b"+ "
+        assert client.command(base64.b64encode(b"\x00alice@example.test\x00secret")).startswith(
+            b"+OK")
+    assert wait_for(lambda: "p2 << b'AUTH PLAIN'" in caplog.text)
+    assert "PASS ****" in caplog.text and "secret" not in caplog.text
+    assert base64.b64encode(b"\x00alice@example.test\x00secret").decode() not in caplog.text
 
 
 def test_pop3_capa_lists_capabilities(pop):
