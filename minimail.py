@@ -486,6 +486,8 @@ class Maildir:
                 listing.append((message, message.wire_size(self.wire_sizes)))
             except FileNotFoundError:
                 continue            # removed, or moved to cur/, while listing
+            except OSError as exc:  # not a readable file: leave it out, list the rest
+                log.warning("skipping %s: %s", message.path, exc.strerror or exc)
         listing = tuple(listing)    # shared by the sessions that reuse it
         settled_ns = now_ns - int(FOLDER_MTIME_TRUST * 1e9)
         if all(folder is None or folder[1] < settled_ns for folder in folders):

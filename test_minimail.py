@@ -1550,6 +1550,14 @@ def test_pop3_message_moved_or_removed_by_another_client(pop):
     assert box_files(pop) == {"new": [], "cur": ["1.msg:2,S"]}
 
 
+def test_pop3_unreadable_entry_is_left_out(pop):
+    put_message(pop, "u@example.test", "1.msg", b"one\n")
+    os.mkdir(os.path.join(pop.maildir.path("u@example.test"), "new", "2.not-a-file"))
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"STAT") == b"+OK 1 5"
+
+
 def test_pop3_auth_plain_with_and_without_initial_response(make_server):
     app = make_server(pop3=("127.0.0.1", 0), users=ALICE)
     plain = base64.b64encode(b"\x00Alice@Example.TEST\x00secret")
