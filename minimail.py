@@ -10,7 +10,8 @@ Implements SMTP (RFC 5321) with ESMTP extensions PIPELINING (RFC 2920), SIZE
 (RFC 1870), 8BITMIME (RFC 6152), SMTPUTF8 (RFC 6531), ENHANCEDSTATUSCODES
 (RFC 2034, 3463), CHUNKING (RFC 3030), STARTTLS (RFC 3207) and AUTH PLAIN/LOGIN
 (RFC 4954, 4616), submission (RFC 6409), Maildir delivery, and the Received
-protocol names of RFC 3848, and an HTTP page and JSON API compatible with Mailpit's
+protocol names of RFC 3848; POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595)
+and AUTH PLAIN (RFC 5034); and an HTTP page and JSON API compatible with Mailpit's
 API v1 (HTTP/1.1, RFC 9110/9112; server-sent events; HTTP Basic, RFC 7617).
 """
 
@@ -61,6 +62,14 @@ RECV_SIZE = 64 * 1024               # one socket read (below glibc's mmap thresh
 # Linux copies SO_RCVTIMEO/SO_SNDTIMEO from a listening socket to the sockets it accepts.
 SOCKET_TIMEOUTS_INHERITED = sys.platform.startswith("linux")
 IDLE_THREAD_S = 10.0                # a connection thread waits this long for the next one
+WRITE_BUFFER = 256 * 1024           # buffered writes of message files, and of replies
+READ_BLOCK = 64 * 1024              # one read of a message file
+WIRE_SIZE_CACHE = 100_000           # remembered wire sizes of untagged message files
+LISTING_CACHE = 50_000              # messages in remembered mailbox listings
+FOLDER_MTIME_TRUST = 1.0            # seconds: a folder changed more recently is listed again
+POP3_MAX_COMMAND_LINE = 512         # SPEC 5 (RFC 2449 4 asks clients for at most 255)
+POP3_LOCK_FILE = ".minimail-pop3.lock"  # in the mailbox folder, beside tmp/ new/ cur/
+POP3_MAX_UIDL = 70                  # RFC 1939 7: a unique-id is 1 to 70 characters 0x21-0x7E
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")   # SPEC 1
 
 VERB_RE = re.compile(rb"[A-Za-z]{1,12}")
@@ -121,6 +130,7 @@ class Config:
     smtp: Optional[tuple[str, int]] = None          # listener addresses: None is off
     submission: Optional[tuple[str, int]] = None
     http: Optional[tuple[str, int]] = None
+    pop3: Optional[tuple[str, int]] = None
     hostname: str = "localhost"
     users: tuple[tuple[str, str], ...] = ()         # (address, password)
     relay_from: tuple[str, ...] = ()                # CIDR networks that may relay
@@ -314,10 +324,12 @@ def address_literal(ip: str) -> str:
 
 
 def mask_auth(line: bytes) -> bytes:
-    """Hide credentials in a logged AUTH line or SASL response."""
+    """Hide credentials in a logged AUTH or PASS line, or SASL response."""
     parts = line.split(b" ")
     if parts[0].upper() == b"AUTH":
         return b" ".join(parts[:2] + [b"****"] * (len(parts) > 2))
+    if parts[0].upper() == b"PASS":
+        return parts[0] + b" ****"
     return b"****"
 
 
@@ -358,6 +370,29 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+class BoundedCache:
+    """A thread-safe dict that forgets its oldest entries past a total weight."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.lock = threading.Lock()
+        self.entries = {}           # key -> (value, weight), oldest first
+        self.weight = 0
+
+    def get(self, key):
+        with self.lock:
+            entry = self.entries.get(key)
+        return None if entry is None else entry[0]
+
+    def put(self, key, value, weight: int = 1) -> None:
+        with self.lock:
+            old = self.entries.pop(key, None)
+            self.weight += weight - (old[1] if old else 0)
+            self.entries[key] = (value, weight)
+            while self.weight > self.capacity and self.entries:
+                self.weight -= self.entries.pop(next(iter(self.entries)))[1]
+
+
 @dataclass
 class StoredMessage:
     """One message file of one mailbox, as found on disk."""
@@ -366,7 +401,7 @@ class StoredMessage:
     name: str               # the file name: ID, optional ,S=/,W= tags, optional :2,FLAGS
     path: str
 
-    @property
+    @cached_property
     def id(self) -> str:
         return message_id_of(self.name)
 
@@ -376,17 +411,29 @@ class StoredMessage:
         _, sep, flags = self.name.partition(":2,")
         return flags if sep else ""
 
-    def wire_size(self) -> int:
+    def wire_size(self, cache: Optional[BoundedCache] = None) -> int:
         """Bytes the message takes on the wire with CRLF line ends (POP3 octets, RFC 1939 11).
 
         On the wire every LF not preceded by CR becomes CRLF, and a last line without a line
         end gets CRLF. The ,W= tag is trusted only when ,S= equals the real size (SPEC 3);
-        otherwise the file is read once to count its line ends.
+        otherwise the file is read once to count its line ends, and the result is kept in
+        cache (if given): its key is the file's path, size and times, so a file changed in
+        any way is counted again.
         """
-        real_size = os.stat(self.path).st_size
+        status = os.stat(self.path)
+        real_size = status.st_size
         tags = dict(re.findall(r",([SW])=(\d+)", self.name.partition(":")[0]))
         if tags.get("S") == str(real_size) and "W" in tags:
             return int(tags["W"])
+        key = (self.path, real_size, status.st_mtime_ns, status.st_ctime_ns)
+        size = cache.get(key) if cache is not None else None
+        if size is None:
+            size = self._count_wire_size(real_size)
+            if cache is not None:
+                cache.put(key, size)
+        return size
+
+    def _count_wire_size(self, real_size: int) -> int:
         added = 0
         last = b""
         with open(self.path, "rb") as file:
@@ -403,6 +450,8 @@ class Maildir:
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
+        self.wire_sizes = BoundedCache(WIRE_SIZE_CACHE)     # file -> counted wire size
+        self.listings = BoundedCache(LISTING_CACHE)         # mailbox -> sized_messages()
 
     def path(self, mailbox: str) -> str:
         return os.path.join(self.root, mailbox)
@@ -429,6 +478,41 @@ class Maildir:
                          for name in names if not name.startswith("."))
         found.sort(key=lambda message: message.name)
         return found
+
+    def sized_messages(self, mailbox: str) -> tuple:
+        """messages() with their wire sizes, ((StoredMessage, size), ...); files that vanish
+        while listing are left out.
+
+        While neither new/ nor cur/ has changed since an earlier call, that call's list is
+        returned without listing or stat()ing any file: Maildir files are never rewritten,
+        so a delivery, move or removal always changes its folder's mtime. A folder changed
+        less than FOLDER_MTIME_TRUST ago is not trusted so (timestamps may be coarse).
+        """
+        now_ns = time.time_ns()
+        folders = []
+        for folder in ("new", "cur"):
+            try:
+                status = os.stat(os.path.join(self.root, mailbox, folder))
+                folders.append((status.st_ino, status.st_mtime_ns))
+            except FileNotFoundError:
+                folders.append(None)
+        signature = tuple(folders)
+        cached = self.listings.get(mailbox)
+        if cached is not None and cached[0] == signature:
+            return cached[1]
+        listing = []
+        for message in self.messages(mailbox):
+            try:
+                listing.append((message, message.wire_size(self.wire_sizes)))
+            except FileNotFoundError:
+                continue            # removed, or moved to cur/, while listing
+            except OSError as exc:  # not a readable file: leave it out, list the rest
+                log.warning("skipping %s: %s", message.path, exc.strerror or exc)
+        listing = tuple(listing)    # shared by the sessions that reuse it
+        settled_ns = now_ns - int(FOLDER_MTIME_TRUST * 1e9)
+        if all(folder is None or folder[1] < settled_ns for folder in folders):
+            self.listings.put(mailbox, (signature, listing), max(1, len(listing)))
+        return listing
 
     def find(self, mailbox: str, message_id: str) -> Optional[StoredMessage]:
         """The current file of a message by ID, wherever it moved between new/ and cur/."""
@@ -925,6 +1009,8 @@ class LineHandler(socketserver.BaseRequestHandler):
     verb_prefix = ""
     max_read_line = SMTP_MAX_COMMAND_LINE     # longest line read before it is refused
     too_many_connections = b""
+    sasl_prompt = b""                         # before a SASL challenge: "334 ", "+ "
+    sasl_errors = {}                          # SASL problem -> (code, status, text)
 
     def setup(self):
         self.config = self.server.config
@@ -932,6 +1018,8 @@ class LineHandler(socketserver.BaseRequestHandler):
         self.sock = self.request
         self.inbuf = bytearray()
         self.outbuf = []
+        self.outbuf_bytes = 0
+        self.auth_failures = 0
         self.peer_ip = self.client_address[0]
         self.is_loopback = self.config.is_loopback(self.peer_ip)
         self.sid = self.server.next_session_id()
@@ -997,7 +1085,8 @@ class LineHandler(socketserver.BaseRequestHandler):
 
     def dispatch(self, line: bytes) -> None:
         """Run one command line through its verb method, turning Reply into a response."""
-        log.debug("%s << %r", self.sid, mask_auth(line) if line[:4].upper() == b"AUTH" else line)
+        log.debug("%s << %r", self.sid,
+                  mask_auth(line) if line[:4].upper() in (b"AUTH", b"PASS") else line)
         verb, _, arg = line.partition(b" ")
         try:
             if not VERB_RE.fullmatch(verb):
@@ -1028,15 +1117,23 @@ class LineHandler(socketserver.BaseRequestHandler):
             self.closing = True
 
     # Output: replies are collected while pipelined input is waiting (RFC 2920) and
-    # sent in one write before the next blocking read.
+    # sent in one write before the next blocking read, or once WRITE_BUFFER is waiting.
     def send(self, data: bytes) -> None:
         log.debug("%s >> %r", self.sid, data)
+        self.send_text(data)
+
+    def send_text(self, data: bytes) -> None:
+        """Queue output without logging it (message text)."""
         self.outbuf.append(data)
+        self.outbuf_bytes += len(data)
+        if self.outbuf_bytes >= WRITE_BUFFER:
+            self.flush()
 
     def flush(self) -> None:
         if self.outbuf:
             data = b"".join(self.outbuf)
             self.outbuf = []
+            self.outbuf_bytes = 0
             try:
                 self.sock.sendall(data)
             except (BlockingIOError, socket.timeout):
@@ -1158,6 +1255,54 @@ class LineHandler(socketserver.BaseRequestHandler):
         self.tls = True
         self.read_timeout_s = self.config.timeout
 
+    # SASL (RFC 4422) as SMTP AUTH (RFC 4954) and POP3 AUTH (RFC 5034) use it; problems
+    # are answered with the protocol's own reply from sasl_errors.
+    def sasl_error(self, problem: str) -> Reply:
+        return Reply(*self.sasl_errors[problem])
+
+    def sasl_login(self, arg: bytes) -> tuple:
+        """Run the exchange of 'AUTH mechanism [initial-response]'; return (username, password)."""
+        mechanism, _, initial = arg.partition(b" ")
+        method = getattr(self, "auth_" + mechanism.decode("ascii", "replace").upper(), None) \
+            if VERB_RE.fullmatch(mechanism) else None
+        if method is None:
+            raise self.sasl_error("mechanism")
+        return method(initial.strip() or None)
+
+    def sasl_response(self, challenge: bytes, initial: Optional[bytes]) -> bytes:
+        """The client's decoded answer to a challenge, or its initial response."""
+        if initial is None:
+            self.send(self.sasl_prompt + challenge + b"\r\n")
+            try:
+                initial = self.read_line(SASL_MAX_RESPONSE_LINE)
+            except LineTooLong:
+                raise self.sasl_error("too long") from None
+        if initial == b"*":
+            raise self.sasl_error("cancelled")
+        if initial == b"=":
+            return b""
+        try:
+            return base64.b64decode(initial, validate=True)
+        except (binascii.Error, ValueError):
+            raise self.sasl_error("base64") from None
+
+    def auth_PLAIN(self, initial: Optional[bytes]) -> tuple:
+        parts = self.sasl_response(b"", initial).split(b"\x00")
+        if len(parts) != 3:
+            raise self.sasl_error("malformed")
+        authzid, username, password = parts
+        if authzid and authzid != username:
+            raise self.sasl_error("identity")
+        return username, password
+
+    def login_failed(self, username: bytes) -> bool:
+        """Log a refused login and wait the configured delay; True at the last allowed failure."""
+        self.auth_failures += 1
+        log.info("%s auth failed for %r", self.sid, username[:64])
+        self.flush()
+        time.sleep(self.config.auth_failure_delay)
+        return self.auth_failures >= AUTH_MAX_FAILURES
+
 
 def _timeval(seconds: float) -> bytes:
     """A struct timeval for SO_RCVTIMEO / SO_SNDTIMEO."""
@@ -1198,13 +1343,21 @@ class SMTPHandler(LineHandler):
     verb_prefix = "smtp_"
     max_read_line = SASL_MAX_RESPONSE_LINE      # AUTH may carry a long initial response
     too_many_connections = b"421 4.7.0 Too many connections, try again later\r\n"
+    sasl_prompt = b"334 "
+    sasl_errors = {
+        "mechanism": (504, "5.5.4", "Unrecognized authentication mechanism"),
+        "too long": (500, "5.5.6", "Authentication exchange line is too long"),
+        "cancelled": (501, "5.0.0", "Authentication cancelled"),
+        "base64": (501, "5.5.2", "Invalid base64 data"),
+        "malformed": (501, "5.5.2", "Malformed PLAIN response"),
+        "identity": (535, "5.7.8", "Authorization identity not allowed"),
+    }
 
     def start_session(self):
         self.helo = None
         self.esmtp = False
         self.auth_user = None       # the account a successful AUTH names
         self.authenticated = False  # AUTH succeeded (maybe as a dev-sink login)
-        self.auth_failures = 0
         self.errors = 0
         self.envelope = Envelope()
         self.submission = self.server.name == "submission"
@@ -1607,54 +1760,19 @@ class SMTPHandler(LineHandler):
             raise Reply(503, "5.5.1", "Already authenticated")
         if self.envelope.sender is not None:
             raise Reply(503, "5.5.1", "AUTH not allowed during a mail transaction")
-        mechanism, _, initial = arg.partition(b" ")
-        method = getattr(self, "auth_" + mechanism.decode("ascii", "replace").upper(), None) \
-            if VERB_RE.fullmatch(mechanism) else None
-        if method is None:
-            raise Reply(504, "5.5.4", "Unrecognized authentication mechanism")
-        username, password = method(initial.strip() or None)
+        username, password = self.sasl_login(arg)
         self._check_credentials(username, password)
 
-    def _sasl_response(self, challenge: bytes, initial: Optional[bytes]) -> bytes:
-        """The client's decoded answer to a 334 challenge, or its initial response."""
-        if initial is None:
-            self.send(b"334 " + challenge + b"\r\n")
-            try:
-                initial = self.read_line(SASL_MAX_RESPONSE_LINE)
-            except LineTooLong:
-                raise Reply(500, "5.5.6", "Authentication exchange line is too long") from None
-        if initial == b"*":
-            raise Reply(501, "5.0.0", "Authentication cancelled")
-        if initial == b"=":
-            return b""
-        try:
-            return base64.b64decode(initial, validate=True)
-        except (binascii.Error, ValueError):
-            raise Reply(501, "5.5.2", "Invalid base64 data") from None
-
-    def auth_PLAIN(self, initial: Optional[bytes]) -> tuple:
-        parts = self._sasl_response(b"", initial).split(b"\x00")
-        if len(parts) != 3:
-            raise Reply(501, "5.5.2", "Malformed PLAIN response")
-        authzid, username, password = parts
-        if authzid and authzid != username:
-            raise Reply(535, "5.7.8", "Authorization identity not allowed")
-        return username, password
-
     def auth_LOGIN(self, initial: Optional[bytes]) -> tuple:
-        username = self._sasl_response(b"VXNlcm5hbWU6", initial)      # "Username:"
-        password = self._sasl_response(b"UGFzc3dvcmQ6", None)         # "Password:"
+        username = self.sasl_response(b"VXNlcm5hbWU6", initial)      # "Username:"
+        password = self.sasl_response(b"UGFzc3dvcmQ6", None)         # "Password:"
         return username, password
 
     def _check_credentials(self, username: bytes, password: bytes) -> None:
         """Accept or refuse credentials; failures are slowed and counted (SPEC 4)."""
         account = self.app.check_login(username, password, self.is_loopback)
         if account is False:
-            self.auth_failures += 1
-            log.info("%s auth failed for %r", self.sid, username[:64])
-            self.flush()
-            time.sleep(self.config.auth_failure_delay)
-            if self.auth_failures >= AUTH_MAX_FAILURES:
+            if self.login_failed(username):
                 raise Reply(421, "4.7.0", "Too many authentication failures", close=True)
             raise Reply(535, "5.7.8", "Authentication credentials invalid")
         self.authenticated = True
@@ -3630,11 +3748,457 @@ loadList().then(() => { if (location.hash.length > 1) openMessage(decodeURICompo
 """
 
 
+# --- POP3 server ----------------------------------------------------------------
+
+class MailboxLocks:
+    """One POP3 session per mailbox (SPEC 5), across threads and processes.
+
+    A flock() on a lock file inside the mailbox excludes other processes and is dropped
+    by the kernel when the holder dies; the set of folders this process holds excludes
+    a second session here even where flock() is emulated per process (NFS).
+    """
+
+    def __init__(self):
+        self.guard = threading.Lock()
+        self.held = set()
+
+    def acquire(self, folder: str) -> Optional[int]:
+        """Lock a mailbox folder; the lock file's descriptor, or None when it is in use."""
+        with self.guard:
+            if folder in self.held:
+                return None
+            self.held.add(folder)
+        fd = -1
+        try:
+            fd = os.open(os.path.join(folder, POP3_LOCK_FILE),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            self._drop(folder, fd)
+            return None
+        except OSError:
+            self._drop(folder, fd)
+            raise
+
+    def release(self, folder: str, fd: int) -> None:
+        self._drop(folder, fd)      # closing the only descriptor releases the flock
+
+    def _drop(self, folder: str, fd: int) -> None:
+        if fd >= 0:
+            os.close(fd)
+        with self.guard:
+            self.held.discard(folder)
+
+
+@dataclass
+class POP3Message:
+    """One message of a maildrop, numbered by its place in Maildrop.messages."""
+    stored: StoredMessage
+    octets: int                 # RFC 1939 11: size with CRLF line ends, before byte-stuffing
+    deleted: bool = False       # DELE: removed at QUIT
+    retrieved: bool = False     # RETR: marked seen (S) at QUIT
+
+
+@dataclass
+class Maildrop:
+    """A logged-in session's mailbox: the messages present at login (RFC 1939 8)."""
+    mailbox: str
+    folder: str
+    lock_fd: int
+    messages: list
+
+
+def uidl_of(message_id: str) -> str:
+    """The RFC 1939 unique-id of a message: its ID, or a hash when the ID is not a valid one."""
+    if 0 < len(message_id) <= POP3_MAX_UIDL and message_id.isascii() \
+            and message_id.isprintable() and " " not in message_id:
+        return message_id
+    import hashlib      # loads OpenSSL's hashes (3 MB): only for an ID that needs it
+    return hashlib.sha256(os.fsencode(message_id)).hexdigest()
+
+
+def _top_length(file, body_lines: int) -> Optional[int]:
+    """Bytes at the start of a message file that TOP sends: the headers, the blank line
+    and body_lines lines of the body (RFC 1939 7); None when that is the whole file."""
+    offset = 0
+    in_body = False
+    line_start = True
+    while True:
+        piece = file.readline(READ_BLOCK)
+        if not piece:
+            return None
+        offset += len(piece)
+        ends_line = piece.endswith(b"\n")
+        if in_body:
+            body_lines -= ends_line
+        elif line_start and piece in (b"\n", b"\r\n"):
+            in_body = True
+        if in_body and body_lines <= 0:
+            return offset
+        line_start = ends_line
+
+
+def _wire_blocks(file, limit: Optional[int] = None):
+    """Yield a stored message (its first limit bytes) as POP3 sends it: every LF not after
+    CR becomes CRLF, a last line without one gets CRLF (StoredMessage.wire_size counts the
+    same), and lines starting with "." get another (RFC 1939 3 byte-stuffing)."""
+    line_start = True
+    held_cr = b""                # a CR at the end of a block, until we know whether LF follows
+    last = b"\n"
+    remaining = -1 if limit is None else limit
+    while remaining:
+        data = file.read(READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining))
+        if not data:
+            break
+        remaining -= len(data) if remaining > 0 else 0
+        data = held_cr + data
+        held_cr = b""
+        if data.endswith(b"\r"):
+            held_cr, data = b"\r", data[:-1]
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = data.replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
+        if line_start and data.startswith(b"."):
+            data = b"." + data
+        if data:
+            line_start = data.endswith(b"\n")
+            last = data[-1:]
+            yield data
+    if held_cr or last != b"\n":
+        yield held_cr + b"\r\n"
+
+
+class POP3Handler(LineHandler):
+    """A POP3 session (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595) and AUTH PLAIN
+    (RFC 5034), over the mailboxes SMTP delivery writes."""
+
+    verb_prefix = "pop_"
+    max_read_line = SASL_MAX_RESPONSE_LINE      # AUTH may carry a long initial response
+    too_many_connections = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+    sasl_prompt = b"+ "
+    sasl_errors = {
+        "mechanism": ("-ERR", "", "Unsupported authentication mechanism"),
+        "too long": ("-ERR", "", "Authentication line too long"),
+        "cancelled": ("-ERR", "", "Authentication cancelled"),
+        "base64": ("-ERR", "", "Invalid base64 data"),
+        "malformed": ("-ERR", "", "Malformed PLAIN response"),
+        "identity": ("-ERR", "AUTH", "Authorization identity not allowed"),
+    }
+
+    def start_session(self):
+        self.user = None            # the USER name, waiting for PASS
+        self.maildrop = None        # set at login: the TRANSACTION state
+        self.ok("%s POP3 minimail ready" % self.config.hostname)
+
+    def end_session(self):
+        if self.maildrop is not None:   # no QUIT: RFC 1939 6, nothing is updated
+            self._unlock()
+
+    def on_timeout(self):
+        try:
+            self.send(b"-ERR Disconnected for inactivity\r\n")
+            self.flush()
+        except OSError:
+            pass
+
+    def ok(self, text: str = "", lines: Optional[list] = None) -> None:
+        """A +OK reply; with lines, a multi-line one ended by "." (RFC 1939 3)."""
+        status = b"+OK %s\r\n" % text.encode() if text else b"+OK\r\n"
+        if lines is None:
+            self.send(status)
+        else:
+            self.send(status + "".join([line + "\r\n" for line in lines]).encode() + b".\r\n")
+
+    def format_reply(self, reply: Reply) -> bytes:
+        if reply.status:
+            return b"-ERR [%s] %s\r\n" % (reply.status.encode(), reply.text.encode())
+        return b"-ERR %s\r\n" % reply.text.encode()
+
+    def send_error(self, reply: Reply) -> None:
+        log.info("%s refused: %s", self.sid, self.format_reply(reply).decode().rstrip())
+        super().send_error(reply)
+
+    def unknown_verb(self) -> Reply:
+        return Reply("-ERR", "", "Unknown command")
+
+    def line_too_long(self) -> Reply:
+        return Reply("-ERR", "", "Line too long")
+
+    def internal_error(self) -> Reply:
+        return Reply("-ERR", "SYS/TEMP", "Internal error")
+
+    def check_line(self, verb: bytes, line: bytes) -> None:
+        limit = SASL_MAX_RESPONSE_LINE if verb == b"AUTH" else POP3_MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
+            raise self.line_too_long()
+        if b"\x00" in line or b"\r" in line:
+            raise Reply("-ERR", "", "NUL or CR in command")
+
+    # State.
+    def may_login(self) -> bool:
+        return self.tls or self.is_loopback
+
+    def require_authorization(self) -> None:
+        """Allow a login command: AUTHORIZATION state, in TLS or on loopback (SPEC 5)."""
+        if self.maildrop is not None:
+            raise Reply("-ERR", "", "Already logged in")
+        if not self.may_login():
+            raise Reply("-ERR", "AUTH", "use STLS")
+
+    def require_maildrop(self) -> Maildrop:
+        if self.maildrop is None:
+            raise Reply("-ERR", "", "Log in first")
+        return self.maildrop
+
+    def message(self, arg: bytes) -> tuple:
+        """(number, POP3Message) of a message number that names a message not deleted."""
+        maildrop = self.require_maildrop()
+        arg = arg.strip()
+        if not arg.isdigit() or len(arg) > 9:
+            raise Reply("-ERR", "", "Syntax: a message number")
+        number = int(arg)
+        if not 1 <= number <= len(maildrop.messages) or maildrop.messages[number - 1].deleted:
+            raise Reply("-ERR", "", "No such message")
+        return number, maildrop.messages[number - 1]
+
+    def live_messages(self) -> list:
+        """(number, POP3Message) of every message not marked deleted."""
+        return [(number, message) for number, message in
+                enumerate(self.require_maildrop().messages, 1) if not message.deleted]
+
+    # Login and the maildrop.
+    def login(self, username: bytes, password: bytes) -> None:
+        """Check credentials, then lock and list the mailbox: the TRANSACTION state."""
+        account = self.app.check_login(username, password, self.is_loopback)
+        if account is False:
+            if self.login_failed(username):
+                raise Reply("-ERR", "AUTH", "Too many authentication failures", close=True)
+            raise Reply("-ERR", "AUTH", "Authentication failed")
+        mailbox = account
+        if mailbox is None:             # dev sink: any password opens any mailbox
+            try:
+                mailbox = mailbox_name(username.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                raise Reply("-ERR", "AUTH", "Log in with a full address") from None
+        if not is_safe_folder(mailbox):
+            raise Reply("-ERR", "AUTH", "Not a valid mailbox name")
+        maildir = self.app.maildir
+        try:
+            folder = maildir.ensure(mailbox)
+            lock_fd = self.app.mailbox_locks.acquire(folder)
+        except OSError as exc:
+            log.error("%s cannot open mailbox %s: %s", self.sid, mailbox, exc)
+            raise Reply("-ERR", "SYS/TEMP", "Cannot open the mailbox, try again later") from None
+        if lock_fd is None:
+            log.info("%s mailbox %s in use", self.sid, mailbox)
+            raise Reply("-ERR", "IN-USE", "Mailbox is in use by another POP3 session")
+        self.maildrop = Maildrop(mailbox, folder, lock_fd, [])
+        try:
+            self.maildrop.messages = [POP3Message(stored, octets) for stored, octets
+                                      in self.app.maildir.sized_messages(mailbox)]
+        except OSError as exc:
+            log.error("%s cannot list mailbox %s: %s", self.sid, mailbox, exc)
+            self._unlock()
+            raise Reply("-ERR", "SYS/TEMP", "Cannot read the mailbox, try again later") from None
+        log.info("%s pop3 login %s: %d messages", self.sid, mailbox, len(self.maildrop.messages))
+        self.ok("Logged in, %d messages" % len(self.maildrop.messages))
+
+    def _unlock(self) -> None:
+        maildrop, self.maildrop = self.maildrop, None
+        self.app.mailbox_locks.release(maildrop.folder, maildrop.lock_fd)
+
+    def _on_current_file(self, message: POP3Message, action):
+        """Return action(stored) for the message's file, found again by ID if another
+        client (HTTP) moved it since login; None when the message is gone."""
+        for _ in range(2):
+            try:
+                return action(message.stored)
+            except FileNotFoundError:
+                moved = self.app.maildir.find(self.maildrop.mailbox, message.stored.id)
+                if moved is None:
+                    return None
+                message.stored = moved
+        return None
+
+    def _update(self) -> int:
+        """The UPDATE state (RFC 1939 6): remove DELEted messages, mark RETRieved ones seen
+        (moved to cur/ with S added to their flags); return how many could not be changed."""
+        maildir = self.app.maildir
+        failures = removed = seen = 0
+        for message in self.maildrop.messages:
+            if not (message.deleted or message.retrieved):
+                continue
+            try:
+                if message.deleted:
+                    self._on_current_file(message, lambda stored: os.unlink(stored.path))
+                    removed += 1
+                elif self._on_current_file(message, lambda stored: maildir.set_flags(
+                        stored, stored.flags + "S")):
+                    seen += 1
+            except OSError as exc:
+                log.error("%s cannot update %s: %s", self.sid, message.stored.name, exc)
+                failures += 1
+        try:
+            for sub in ("new", "cur") if removed or seen else ():
+                fsync_dir(os.path.join(self.maildrop.folder, sub))
+        except OSError as exc:
+            log.error("%s cannot sync %s: %s", self.sid, self.maildrop.folder, exc)
+            failures += 1
+        log.info("%s pop3 update %s: %d deleted, %d seen", self.sid, self.maildrop.mailbox,
+                 removed, seen)
+        return failures
+
+    def _send_message(self, message: POP3Message, limit: Optional[int] = None) -> None:
+        """Send a message, or its first limit bytes, as a multi-line reply."""
+        try:
+            file = self._on_current_file(message, lambda stored: open(stored.path, "rb"))
+        except OSError as exc:
+            log.error("%s cannot read %s: %s", self.sid, message.stored.name, exc)
+            raise Reply("-ERR", "SYS/TEMP", "Cannot read the message") from None
+        if file is None:
+            raise Reply("-ERR", "", "Message was removed by another client")
+        with file:
+            if limit is not None:
+                limit = _top_length(file, limit)
+                file.seek(0)
+                self.send(b"+OK\r\n")
+            else:
+                self.send(b"+OK %d octets\r\n" % message.octets)
+            for block in _wire_blocks(file, limit):
+                self.send_text(block)
+        self.send_text(b".\r\n")
+
+    # Verbs of the AUTHORIZATION state.
+    def pop_CAPA(self, arg: bytes) -> None:
+        """CAPA: list the capabilities (RFC 2449)."""
+        capabilities = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.may_login():
+            capabilities += ["USER", "SASL PLAIN"]
+        if self.app.tls_context is not None and not self.tls:
+            capabilities.append("STLS")
+        capabilities.append("IMPLEMENTATION minimail")
+        self.ok("Capability list follows", capabilities)
+
+    def pop_STLS(self, arg: bytes) -> None:
+        """STLS: switch to TLS (RFC 2595)."""
+        if self.app.tls_context is None:
+            raise Reply("-ERR", "", "STLS not available")
+        if self.tls or self.maildrop is not None:
+            raise Reply("-ERR", "", "STLS not allowed now")
+        if arg:
+            raise Reply("-ERR", "", "Syntax: STLS")
+        self.ok("Begin TLS negotiation")
+        try:
+            self.start_tls(self.app.tls_context)
+        except (OSError, ValueError) as exc:
+            log.info("%s TLS handshake failed: %s", self.sid, exc.__class__.__name__)
+            self.closing = True
+            return
+        self.user = None            # RFC 2595 4: nothing learned before TLS is kept
+
+    def pop_USER(self, arg: bytes) -> None:
+        """USER name: name the mailbox (a full address) to log in to."""
+        self.require_authorization()
+        if not arg:
+            raise Reply("-ERR", "", "Syntax: USER address")
+        self.user = arg
+        self.ok("Send PASS")
+
+    def pop_PASS(self, arg: bytes) -> None:
+        """PASS password: log in as the USER given before."""
+        self.require_authorization()
+        if self.user is None:
+            raise Reply("-ERR", "", "Send USER first")
+        username, self.user = self.user, None
+        self.login(username, arg)
+
+    def pop_AUTH(self, arg: bytes) -> None:
+        """AUTH PLAIN [initial-response]: log in with SASL (RFC 5034)."""
+        self.require_authorization()
+        if not arg:
+            self.ok("Mechanisms follow", ["PLAIN"])
+            return
+        self.user = None
+        self.login(*self.sasl_login(arg))
+
+    def pop_QUIT(self, arg: bytes) -> None:
+        """QUIT: apply DELE and RETR (in the TRANSACTION state) and end the session."""
+        self.closing = True
+        if self.maildrop is None:
+            self.ok("Bye")
+            return
+        failures = self._update()
+        self._unlock()
+        if failures:
+            raise Reply("-ERR", "SYS/TEMP", "Some messages could not be updated")
+        self.ok("Bye")
+
+    # Verbs of the TRANSACTION state.
+    def pop_STAT(self, arg: bytes) -> None:
+        """STAT: count and total octets of the messages not deleted."""
+        live = self.live_messages()
+        self.ok("%d %d" % (len(live), sum(message.octets for _, message in live)))
+
+    def pop_LIST(self, arg: bytes) -> None:
+        """LIST [n]: the octet count of one message, or of each message."""
+        if arg:
+            number, message = self.message(arg)
+            self.ok("%d %d" % (number, message.octets))
+            return
+        live = self.live_messages()
+        self.ok("%d messages" % len(live),
+                ["%d %d" % (number, message.octets) for number, message in live])
+
+    def pop_UIDL(self, arg: bytes) -> None:
+        """UIDL [n]: the unique-id of one message, or of each message."""
+        if arg:
+            number, message = self.message(arg)
+            self.ok("%d %s" % (number, uidl_of(message.stored.id)))
+            return
+        self.ok("Unique-ids follow", ["%d %s" % (number, uidl_of(message.stored.id))
+                                      for number, message in self.live_messages()])
+
+    def pop_RETR(self, arg: bytes) -> None:
+        """RETR n: send a message."""
+        _, message = self.message(arg)
+        self._send_message(message)
+        message.retrieved = True
+
+    def pop_TOP(self, arg: bytes) -> None:
+        """TOP n lines: send a message's headers and its first lines of body."""
+        words = arg.split()
+        if len(words) != 2 or not words[1].isdigit():
+            raise Reply("-ERR", "", "Syntax: TOP message lines")
+        _, message = self.message(words[0])
+        self._send_message(message, int(words[1]))
+
+    def pop_DELE(self, arg: bytes) -> None:
+        """DELE n: mark a message to be removed at QUIT."""
+        number, message = self.message(arg)
+        message.deleted = True
+        self.ok("Message %d deleted" % number)
+
+    def pop_RSET(self, arg: bytes) -> None:
+        """RSET: unmark the messages marked deleted."""
+        for message in self.require_maildrop().messages:
+            message.deleted = False
+        self.ok("%d messages" % len(self.maildrop.messages))
+
+    def pop_NOOP(self, arg: bytes) -> None:
+        """NOOP: do nothing."""
+        self.require_maildrop()
+        self.ok()
+
+
 # --- Application ----------------------------------------------------------------
 
 LISTENERS = (
     ("smtp", SMTPHandler),
     ("submission", SMTPHandler),
+    ("pop3", POP3Handler),
 )
 
 
@@ -3647,6 +4211,7 @@ class App:
         self.queue = Queue(self.maildir.root)
         self.ids = MessageIds(config.hostname)
         self.relay = Relay(self)
+        self.mailbox_locks = MailboxLocks()
         self.tls_context = None
         self.servers = {}
         self.threads = []
@@ -3722,6 +4287,10 @@ class App:
     @property
     def submission_port(self) -> int:
         return self.address("submission")[1]
+
+    @property
+    def pop3_port(self) -> int:
+        return self.address("pop3")[1]
 
     @property
     def http_port(self) -> int:
@@ -3873,6 +4442,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="submission listener (AUTH required before MAIL)")
     add("--http", default="127.0.0.1:8025", type=_typed(parse_addr), metavar="ADDR",
         help="web page and Mailpit-compatible JSON API; off disables")
+    add("--pop3", default="127.0.0.1:1110", type=_typed(parse_addr), metavar="ADDR",
+        help="POP3 listener")
     add("--hostname", default=socket.gethostname(), metavar="NAME",
         help="name in the greeting, EHLO and Received:")
     add("--user", action="append", default=[], type=_typed(parse_account),
@@ -3891,8 +4462,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="first retry of a queued message; delays double, at most 4000 s")
     add("--queue-lifetime", type=_typed(parse_time), default="5d", metavar="TIME",
         help="bounce queued mail older than this")
-    add("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS")
-    add("--tls-key", metavar="FILE", help="private key (PEM) for STARTTLS")
+    add("--tls-cert", metavar="FILE", help="certificate (PEM) for STARTTLS and STLS")
+    add("--tls-key", metavar="FILE", help="private key (PEM) for STARTTLS and STLS")
     add("--max-size", type=int, default=26214400, metavar="BYTES", help="largest message")
     add("--max-connections", type=int, default=100, metavar="N",
         help="concurrent connections per listener")
@@ -3937,7 +4508,7 @@ def config_from_args(args) -> Config:
         raise ValueError("--smarthost-auth needs --smarthost")
     return Config(
         domains=domains, maildir=args.maildir, smtp=args.smtp, submission=args.submission,
-        http=args.http,
+        http=args.http, pop3=args.pop3,
         hostname=args.hostname, users=tuple(users), relay_from=tuple(args.relay_from),
         catch_all=args.catch_all, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_size=args.max_size, max_connections=args.max_connections, timeout=args.timeout,

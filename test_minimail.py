@@ -8,7 +8,9 @@ import dataclasses
 import hashlib
 import http.client
 import json
+import logging
 import os
+import poplib
 import re
 import shutil
 import signal
@@ -1117,7 +1119,8 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
 def start_cli(tmp_path, *args):
     """Start minimail as a process; return it and its startup lines (ports read from them)."""
     process = subprocess.Popen([sys.executable, MINIMAIL, "--maildir", str(tmp_path / "md"),
-                                "--domain", "example.test", "--smtp", "127.0.0.1:0", *args],
+                                "--domain", "example.test", "--smtp", "127.0.0.1:0",
+                                "--pop3", "127.0.0.1:0", "--http", "127.0.0.1:0", *args],
                                stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
     lines = []
     while True:
@@ -2487,3 +2490,677 @@ def test_http_index_warms_up_in_the_background(tmp_path):
     with running(base_config(tmp_path, http=("127.0.0.1", 0))) as app:
         assert wait_for(lambda: warmed_up(app), timeout=10)
         assert len(app.mail_index.summaries) == 30
+
+
+# --- POP3 ------------------------------------------------------------------------------
+
+class RawPOP3(Raw):
+    """A raw-socket POP3 client: status lines, and multi-line bodies exactly as sent."""
+
+    def __init__(self, port, host="127.0.0.1"):
+        super().__init__(port, host, greeting=False)
+        self.greeting = self.status()
+
+    def status(self):
+        return self.read_line().rstrip(b"\r\n")
+
+    def command(self, line):
+        self.send(line + b"\r\n")
+        return self.status()
+
+    def body(self):
+        """The rest of a multi-line reply, as sent: CRLF lines, still byte-stuffed."""
+        lines = []
+        while True:
+            line = self.read_line()
+            if line == b".\r\n":
+                return b"".join(lines)
+            lines.append(line)
+
+    def login(self, user=b"u@example.test", password=b"pw"):
+        assert self.command(b"USER " + user).startswith(b"+OK")
+        status = self.command(b"PASS " + password)
+        assert status.startswith(b"+OK"), status
+
+
+@pytest.fixture
+def pop(make_server):
+    return make_server(pop3=("127.0.0.1", 0))
+
+
+ALICE = (("alice@example.test", "secret"),)
+
+
+def pop_client(app, user="u@example.test", password="pw"):
+    client = poplib.POP3("127.0.0.1", app.pop3_port, timeout=5)
+    client.user(user)
+    client.pass_(password)
+    return client
+
+
+def put_message(app, mailbox, name, content, folder="new"):
+    """Store a file as another program would (no size tags unless the name has them)."""
+    path = os.path.join(app.maildir.ensure(mailbox), folder, name)
+    with open(path, "wb") as file:
+        file.write(content)
+    return path
+
+
+def wire_form(content):
+    """How RFC 1939 sends a stored message, computed independently of minimail:
+    (octets counted by LIST, the bytes RETR sends before its final '.' line)."""
+    lines = content.split(b"\n")
+    rest = lines.pop()
+    wire = [line + (b"\n" if line.endswith(b"\r") else b"\r\n") for line in lines]
+    if rest:
+        wire.append(rest + b"\r\n")
+    return len(b"".join(wire)), b"".join(b"." + line if line.startswith(b".") else line
+                                         for line in wire)
+
+
+def box_files(app, mailbox="u@example.test"):
+    """{folder: sorted names} of a mailbox's new/ and cur/."""
+    root = app.maildir.path(mailbox)
+    return {folder: sorted(os.listdir(os.path.join(root, folder))) for folder in ("new", "cur")}
+
+
+def wait_for_login(app, user=b"u@example.test", password=b"pw"):
+    """Log in as soon as the previous session has released the mailbox; return the client."""
+    def attempt():
+        client = RawPOP3(app.pop3_port)
+        client.command(b"USER " + user)
+        if client.command(b"PASS " + password).startswith(b"+OK"):
+            return client
+        client.close()
+        return None
+    client = wait_for(attempt)
+    assert client is not None
+    return client
+
+
+def test_pop3_retrieves_what_smtp_delivered(pop):
+    message = b"Subject: hello\r\n\r\n.leading dot\r\n\xc3\xa9t\xc3\xa9 8-bit\r\nend\r\n"
+    with smtp_client(pop.smtp_port) as client:
+        client.sendmail("a@sender.test", ["u@example.test"], message)
+    stored = read_stored(pop, "u@example.test")
+    message_id = minimail.message_id_of(os.path.basename(delivered(pop, "u@example.test")[0]))
+    client = pop_client(pop)
+    try:
+        count, total = client.stat()
+        _, listing, _ = client.list()
+        response, lines, octets = client.retr(1)
+        assert client.uidl(1).split() == [b"+OK", b"1", message_id.encode()]
+        assert client.uidl()[1] == [b"1 " + message_id.encode()]
+    finally:
+        client.quit()
+    assert (count, listing) == (1, [b"1 %d" % total])
+    assert response == b"+OK %d octets" % total and octets == total
+    assert b"\n".join(lines) + b"\n" == stored
+    assert total == len(stored) + stored.count(b"\n")
+
+
+@pytest.mark.parametrize("content", [
+    b"Subject: x\n\n.one dot\n..two dots\n.\nlast\n",      # '.'-leading lines, bare LF
+    b"Subject: x\r\n\r\n.crlf\r\nbody\r\n",                  # CRLF on disk
+    b"Subject: x\n\nmixed\r\nends\nno final newline",
+    b"Subject: \xff\xfe 8-bit\n\n\x00\x80\xe9\n",           # 8-bit and NUL bytes
+    b"bare\rcr\r\n\rx\r",                                   # bare CR stays, a last CR too
+    b"", b"\n", b".", b"\r\n.\r\n",
+    b"x" * 65535 + b"\r\n.split CRLF at a read boundary\n" + b"y" * 70000 + b"\n.z",
+    b"Subject: big\n\n" + b"".join(b".%d\n" % n for n in range(40000)),
+])
+def test_pop3_octets_match_the_bytes_retr_sends(pop, content):
+    """RFC 1939 11: the octet count is the size with CRLF line ends before byte-stuffing."""
+    put_message(pop, "u@example.test", "1700000000.foreign", content)
+    octets, sent = wire_form(content)
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"STAT") == b"+OK 1 %d" % octets
+        assert client.command(b"LIST 1") == b"+OK 1 %d" % octets
+        assert client.command(b"LIST") == b"+OK 1 messages"
+        assert client.body() == b"1 %d\r\n" % octets
+        assert client.command(b"RETR 1") == b"+OK %d octets" % octets
+        assert client.body() == sent
+
+
+def test_pop3_octets_of_tagged_smtp_copy_match_retr(pop):
+    with Raw(pop.smtp_port) as client:
+        transaction(client, rcpts=(b"u@example.test",))
+        assert client.command(b"DATA")[0] == 354
+        assert client.command(b"..dot\r\nbare\nlf\r\n\xe9\r\n.")[0] == 250
+    name = os.path.basename(delivered(pop, "u@example.test")[0])
+    assert ",S=" in name and ",W=" in name
+    with open(delivered(pop, "u@example.test")[0], "rb") as file:
+        octets, sent = wire_form(file.read())
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"RETR 1") == b"+OK %d octets" % octets
+        assert client.body() == sent
+        assert client.command(b"STAT") == b"+OK 1 %d" % octets
+
+
+def test_pop3_top_sends_headers_blank_line_and_n_lines(pop):
+    put_message(pop, "u@example.test", "1.a", b"H1: a\nH2: b\n\nl1\n.l2\nl3\n")
+    put_message(pop, "u@example.test", "2.b", b"H1: a\r\n\r\nbody\r\n")
+    put_message(pop, "u@example.test", "3.c", b"Only: headers\nNo: body")
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"TOP 1 0").startswith(b"+OK")
+        assert client.body() == b"H1: a\r\nH2: b\r\n\r\n"
+        assert client.command(b"TOP 1 2").startswith(b"+OK")
+        assert client.body() == b"H1: a\r\nH2: b\r\n\r\nl1\r\n..l2\r\n"
+        assert client.command(b"TOP 1 99").startswith(b"+OK")
+        assert client.body() == b"H1: a\r\nH2: b\r\n\r\nl1\r\n..l2\r\nl3\r\n"
+        assert client.command(b"TOP 2 0").startswith(b"+OK")
+        assert client.body() == b"H1: a\r\n\r\n"
+        assert client.command(b"TOP 3 0").startswith(b"+OK")
+        assert client.body() == b"Only: headers\r\nNo: body\r\n"
+        for bad in (b"TOP 1", b"TOP 1 x", b"TOP 9 0", b"TOP 1 -1"):
+            assert client.command(bad).startswith(b"-ERR"), bad
+        assert client.command(b"QUIT") == b"+OK Bye"
+    assert box_files(pop)["cur"] == []          # TOP does not mark a message seen
+
+
+def test_pop3_uidl_is_the_message_id_stable_across_restarts(tmp_path):
+    config = base_config(tmp_path, pop3=("127.0.0.1", 0))
+    long_id, odd_id = "x" * 80, "\u00e9t\u00e9 id"
+    with running(config) as app:
+        with smtp_client(app.smtp_port) as client:
+            client.sendmail("a@sender.test", ["u@example.test"], b"x\r\n")
+        smtp_id = minimail.message_id_of(os.path.basename(delivered(app, "u@example.test")[0]))
+        put_message(app, "u@example.test", "0001.seen,S=2:2,S", b"x\n", folder="cur")
+        put_message(app, "u@example.test", long_id, b"y\n")
+        put_message(app, "u@example.test", odd_id, b"z\n")
+        with RawPOP3(app.pop3_port) as client:
+            client.login()
+            assert client.command(b"UIDL").startswith(b"+OK")
+            first = client.body()
+            assert client.command(b"UIDL 2").startswith(b"+OK 2 ")
+    with running(config) as app:
+        with RawPOP3(app.pop3_port) as client:
+            client.login()
+            assert client.command(b"UIDL").startswith(b"+OK")
+            assert client.body() == first
+    uidls = [line.split(b" ")[1].decode() for line in first.splitlines()]
+    assert uidls[:2] == ["0001.seen", smtp_id]
+    for uidl in uidls[2:]:          # not valid unique-ids: replaced by a hash
+        assert uidl not in (long_id, odd_id)
+        assert 1 <= len(uidl) <= 70 and all(0x21 <= ord(c) <= 0x7e for c in uidl)
+    assert len(set(uidls)) == 4
+
+
+def test_pop3_mailbox_is_the_list_at_login(pop):
+    put_message(pop, "u@example.test", "1.first", b"one\n")
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        with smtp_client(pop.smtp_port) as sender:
+            sender.sendmail("a@sender.test", ["u@example.test"], b"Subject: later\r\n\r\nx\r\n")
+        assert client.command(b"STAT") == b"+OK 1 5"
+        assert client.command(b"LIST 2") == b"-ERR No such message"
+        assert client.command(b"QUIT") == b"+OK Bye"
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"STAT").startswith(b"+OK 2 ")
+
+
+def test_pop3_numbers_never_shift_after_dele(pop):
+    for number in range(1, 4):
+        put_message(pop, "u@example.test", "%d.msg" % number, b"message %d\n" % number)
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"DELE 2") == b"+OK Message 2 deleted"
+        assert client.command(b"LIST").startswith(b"+OK")
+        assert client.body() == b"1 11\r\n3 11\r\n"
+        assert client.command(b"UIDL").startswith(b"+OK")
+        assert client.body() == b"1 1.msg\r\n3 3.msg\r\n"
+        assert client.command(b"STAT") == b"+OK 2 22"
+        for line in (b"RETR 2", b"DELE 2", b"LIST 2", b"UIDL 2", b"TOP 2 0"):
+            assert client.command(line) == b"-ERR No such message", line
+        assert client.command(b"RETR 3") == b"+OK 11 octets"
+        assert client.body() == b"message 3\r\n"
+        assert client.command(b"RSET").startswith(b"+OK")
+        assert client.command(b"STAT") == b"+OK 3 33"
+        assert client.command(b"LIST 2") == b"+OK 2 11"
+
+
+def test_pop3_dele_applies_only_at_quit(pop):
+    put_message(pop, "u@example.test", "1.msg", b"one\n")
+    put_message(pop, "u@example.test", "2.msg", b"two\n", folder="cur")
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"DELE 1").startswith(b"+OK")
+        assert client.command(b"DELE 2").startswith(b"+OK")
+        assert box_files(pop) == {"new": ["1.msg"], "cur": ["2.msg"]}
+        assert client.command(b"QUIT") == b"+OK Bye"
+    assert box_files(pop) == {"new": [], "cur": []}
+
+
+@pytest.mark.parametrize("ending", ["drop", "timeout"])
+def test_pop3_session_ended_without_quit_changes_nothing(make_server, ending):
+    """RFC 1939 6: without QUIT there is no UPDATE state."""
+    app = make_server(pop3=("127.0.0.1", 0), timeout=0.5 if ending == "timeout" else 5.0)
+    put_message(app, "u@example.test", "1.msg", b"one\n")
+    put_message(app, "u@example.test", "2.msg", b"two\n")
+    client = RawPOP3(app.pop3_port)
+    client.login()
+    assert client.command(b"DELE 1").startswith(b"+OK")
+    assert client.command(b"RETR 2").startswith(b"+OK")
+    client.body()
+    if ending == "timeout":
+        assert client.status() == b"-ERR Disconnected for inactivity"
+        assert client.closed()
+    client.close()
+    wait_for_login(app).close()         # the mailbox lock was released
+    assert box_files(app) == {"new": ["1.msg", "2.msg"], "cur": []}
+
+
+def test_pop3_retrieved_messages_marked_seen_at_quit(pop):
+    put_message(pop, "u@example.test", "1.msg,S=4", b"one\n")
+    put_message(pop, "u@example.test", "2.msg", b"two\n")
+    put_message(pop, "u@example.test", "3.msg:2,F", b"three\n", folder="cur")
+    client = pop_client(pop)
+    client.retr(1)
+    client.retr(3)
+    client.top(2, 0)
+    client.quit()
+    assert box_files(pop) == {"new": ["2.msg"], "cur": ["1.msg,S=4:2,S", "3.msg:2,FS"]}
+
+
+def test_pop3_second_session_gets_in_use(make_server):
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE)
+    with RawPOP3(app.pop3_port) as first, RawPOP3(app.pop3_port) as second:
+        first.login(b"alice@example.test", b"secret")
+        assert second.command(b"USER alice@example.test").startswith(b"+OK")
+        assert second.command(b"PASS secret").startswith(b"-ERR [IN-USE] ")
+        plain = base64.b64encode(b"\x00alice@example.test\x00secret")
+        assert second.command(b"AUTH PLAIN " + plain).startswith(b"-ERR [IN-USE] ")
+        assert first.command(b"QUIT") == b"+OK Bye"
+        assert wait_for(lambda: second.command(b"AUTH PLAIN " + plain).startswith(b"+OK"))
+        assert second.command(b"STAT") == b"+OK 0 0"
+
+
+def test_pop3_lock_holds_across_processes_and_dies_with_its_holder(tmp_path):
+    """SPEC 5: a kernel lock, so a killed process never leaves the mailbox locked."""
+    process, lines = start_cli(tmp_path, "-q")
+    holder = None
+    try:
+        port = int([line for line in lines if " pop3 listening on " in line][0].rsplit(":", 1)[1])
+        holder = RawPOP3(port)
+        holder.login()
+        config = base_config(tmp_path, maildir=str(tmp_path / "md"), pop3=("127.0.0.1", 0))
+        with running(config) as app:
+            with RawPOP3(app.pop3_port) as client:
+                assert client.command(b"USER u@example.test").startswith(b"+OK")
+                assert client.command(b"PASS pw").startswith(b"-ERR [IN-USE] ")
+                process.kill()
+                process.wait(20)
+                assert client.command(b"USER u@example.test").startswith(b"+OK")
+                assert client.command(b"PASS pw").startswith(b"+OK")
+    finally:
+        if holder is not None:
+            holder.close()
+        process.kill()
+        process.communicate(timeout=20)
+
+
+def test_pop3_message_moved_or_removed_by_another_client(pop):
+    for number in range(1, 4):
+        put_message(pop, "u@example.test", "%d.msg" % number, b"message %d\n" % number)
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        first, second, third = pop.maildir.messages("u@example.test")
+        pop.maildir.set_flags(first, "S")       # as the web page marks a message read
+        pop.maildir.set_flags(second, "F")
+        os.unlink(third.path)
+        assert client.command(b"RETR 1") == b"+OK 11 octets"
+        assert client.body() == b"message 1\r\n"
+        assert client.command(b"RETR 3").startswith(b"-ERR")
+        assert client.command(b"DELE 2").startswith(b"+OK")
+        assert client.command(b"QUIT") == b"+OK Bye"
+    assert box_files(pop) == {"new": [], "cur": ["1.msg:2,S"]}
+
+
+def test_pop3_unreadable_entry_is_left_out(pop):
+    put_message(pop, "u@example.test", "1.msg", b"one\n")
+    os.mkdir(os.path.join(pop.maildir.path("u@example.test"), "new", "2.not-a-file"))
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        assert client.command(b"STAT") == b"+OK 1 5"
+
+
+def test_pop3_auth_plain_with_and_without_initial_response(make_server):
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE)
+    plain = base64.b64encode(b"\x00Alice@Example.TEST\x00secret")
+    with RawPOP3(app.pop3_port) as client:
+        assert client.command(b"AUTH") == b"+OK Mechanisms follow"
+        assert client.body() == b"PLAIN\r\n"
+        assert client.command(b"AUTH PLAIN " + plain).startswith(b"+OK")
+        assert client.command(b"STAT") == b"+OK 0 0"
+        assert client.command(b"QUIT") == b"+OK Bye"
+    with RawPOP3(app.pop3_port) as client:
+        assert client.command(b"AUTH PLAIN") == b"+ "
+        assert client.command(plain).startswith(b"+OK")
+        assert client.command(b"USER alice@example.test") == b"-ERR Already logged in"
+
+
+@pytest.mark.parametrize("exchange", [
+    [b"AUTH PLAIN", b"*"], [b"AUTH PLAIN !!!notbase64"], [b"AUTH PLAIN", b"abc"],
+    [b"AUTH PLAIN " + base64.b64encode(b"no-nul-bytes")], [b"AUTH LOGIN"], [b"AUTH CRAM-MD5"],
+    [b"AUTH PLAIN", b"A" * 13000]])
+def test_pop3_auth_bad_exchanges(make_server, exchange):
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE)
+    with RawPOP3(app.pop3_port) as client:
+        for line in exchange:
+            reply = client.command(line)
+        assert reply.startswith(b"-ERR ") and not reply.startswith(b"-ERR [AUTH]"), reply
+        assert client.command(b"CAPA").startswith(b"+OK")
+        client.body()
+        assert client.command(b"AUTH PLAIN " + base64.b64encode(
+            b"\x00alice@example.test\x00secret")).startswith(b"+OK")
+
+
+def test_pop3_wrong_passwords_delayed_then_closed(make_server):
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE, auth_failure_delay=0.2)
+    put_message(app, "bob@example.test", "1.msg", b"x\n")
+    with RawPOP3(app.pop3_port) as client:
+        start = time.monotonic()
+        assert client.command(b"USER alice@example.test").startswith(b"+OK")
+        assert client.command(b"PASS wrong").startswith(b"-ERR [AUTH] ")
+        assert time.monotonic() - start >= 0.2
+        assert client.command(b"USER bob@example.test").startswith(b"+OK")    # no account
+        assert client.command(b"PASS secret").startswith(b"-ERR [AUTH] ")
+        plain = base64.b64encode(b"bob@example.test\x00alice@example.test\x00secret")
+        assert client.command(b"AUTH PLAIN " + plain).startswith(b"-ERR [AUTH] ")
+        assert client.command(b"PASS secret") == b"-ERR Send USER first"
+        assert client.command(b"USER alice@example.test").startswith(b"+OK")
+        assert client.command(b"PASS wrong").startswith(b"-ERR [AUTH] ")
+        assert client.closed()
+
+
+def test_pop3_dev_sink_opens_any_mailbox_on_loopback(pop):
+    put_message(pop, "someone@elsewhere.test", "1.msg", b"x\n")
+    with RawPOP3(pop.pop3_port) as client:
+        assert client.command(b"USER SomeOne@Elsewhere.test").startswith(b"+OK")
+        assert client.command(b"PASS anything at all").startswith(b"+OK")
+        assert client.command(b"STAT") == b"+OK 1 3"
+    for user in (b"not-an-address", b"../x@example.test", b".hidden@example.test", b"\xff@x.test"):
+        with RawPOP3(pop.pop3_port) as client:
+            assert client.command(b"USER " + user).startswith(b"+OK")
+            assert client.command(b"PASS pw").startswith(b"-ERR [AUTH] "), user
+    assert sorted(os.listdir(pop.maildir.root)) == ["someone@elsewhere.test"]
+
+
+def test_pop3_plaintext_login_refused_off_loopback(make_server):
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE, loopback_networks=())
+    with RawPOP3(app.pop3_port) as client:
+        assert client.command(b"CAPA").startswith(b"+OK")
+        capabilities = client.body().split(b"\r\n")
+        assert b"USER" not in capabilities and not any(c.startswith(b"SASL") for c in capabilities)
+        assert b"STLS" not in capabilities          # no certificate given
+        for line in (b"USER alice@example.test", b"PASS secret",
+                     b"AUTH PLAIN " + base64.b64encode(b"\x00alice@example.test\x00secret")):
+            assert client.command(line) == b"-ERR [AUTH] use STLS"
+
+
+@pytest.fixture
+def pop_tls(make_server, tls_files):
+    cert, key = tls_files
+    return make_server(pop3=("127.0.0.1", 0), tls_cert=cert, tls_key=key, users=ALICE,
+                       loopback_networks=())
+
+
+def test_pop3_stls_then_login(pop_tls):
+    with RawPOP3(pop_tls.pop3_port) as client:
+        assert client.command(b"CAPA").startswith(b"+OK")
+        assert b"STLS\r\n" in client.body()
+        assert client.command(b"STLS").startswith(b"+OK")
+        client.sock = client_tls_context().wrap_socket(client.sock)
+        assert client.command(b"CAPA").startswith(b"+OK")
+        capabilities = client.body().split(b"\r\n")
+        assert b"USER" in capabilities and b"SASL PLAIN" in capabilities
+        assert b"STLS" not in capabilities
+        assert client.command(b"STLS").startswith(b"-ERR")
+        client.login(b"alice@example.test", b"secret")
+        assert client.command(b"STAT") == b"+OK 0 0"
+
+
+def test_pop3_stls_discards_plaintext_and_resets_session(make_server, tls_files):
+    """RFC 2595 4: pipelined plaintext is discarded; nothing from before TLS is kept."""
+    cert, key = tls_files
+    app = make_server(pop3=("127.0.0.1", 0), tls_cert=cert, tls_key=key, users=ALICE)
+    with RawPOP3(app.pop3_port) as client:
+        assert client.command(b"USER alice@example.test").startswith(b"+OK")
+        client.send(b"STLS\r\nUSER alice@example.test\r\n")
+        assert client.status().startswith(b"+OK")
+        client.sock = client_tls_context().wrap_socket(client.sock)
+        assert client.command(b"PASS secret") == b"-ERR Send USER first"
+        client.login(b"alice@example.test", b"secret")
+        assert client.command(b"STLS").startswith(b"-ERR")
+
+
+def test_pop3_tls_handshake_garbage_closes_quietly(pop_tls):
+    with RawPOP3(pop_tls.pop3_port) as client:
+        assert client.command(b"STLS").startswith(b"+OK")
+        client.send(b"this is not a TLS client hello\r\n" * 10)
+        assert client.closed()
+    with RawPOP3(pop_tls.pop3_port) as client:
+        assert client.command(b"CAPA").startswith(b"+OK")
+
+
+def test_pop3_passwords_masked_in_debug_log(make_server, caplog):
+    caplog.set_level(logging.DEBUG, logger="minimail")
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE)
+    with RawPOP3(app.pop3_port) as client:
+        client.login(b"alice@example.test", b"secret")
+        assert client.command(b"QUIT") == b"+OK Bye"
+    with RawPOP3(app.pop3_port) as client:
+        assert client.command(b"AUTH PLAIN") == b"+ "
+        assert client.command(base64.b64encode(b"\x00alice@example.test\x00secret")).startswith(
+            b"+OK")
+    assert wait_for(lambda: "p2 << b'AUTH PLAIN'" in caplog.text)
+    assert "PASS ****" in caplog.text and "secret" not in caplog.text
+    assert base64.b64encode(b"\x00alice@example.test\x00secret").decode() not in caplog.text
+
+
+def test_pop3_capa_lists_capabilities(pop):
+    with RawPOP3(pop.pop3_port) as client:
+        assert client.greeting.startswith(b"+OK ")
+        assert client.command(b"CAPA").startswith(b"+OK")
+        capabilities = client.body().split(b"\r\n")[:-1]
+    assert capabilities == [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING",
+                            b"USER", b"SASL PLAIN", b"IMPLEMENTATION minimail"]
+
+
+def test_pop3_pipelined_commands_answered_in_order(pop):
+    put_message(pop, "u@example.test", "1.msg", b".x\n")
+    with RawPOP3(pop.pop3_port) as client:
+        client.send(b"USER u@example.test\r\nPASS pw\r\nSTAT\r\nLIST\r\nRETR 1\r\nUIDL 1\r\n"
+                    b"NOOP\r\nQUIT\r\n")
+        assert [client.status() for _ in range(4)] == [
+            b"+OK Send PASS", b"+OK Logged in, 1 messages", b"+OK 1 4", b"+OK 1 messages"]
+        assert client.body() == b"1 4\r\n"
+        assert client.status() == b"+OK 4 octets"
+        assert client.body() == b"..x\r\n"
+        assert [client.status() for _ in range(3)] == [b"+OK 1 1.msg", b"+OK", b"+OK Bye"]
+        assert client.closed()
+
+
+def test_pop3_commands_need_their_state(pop):
+    with RawPOP3(pop.pop3_port) as client:
+        for line in (b"STAT", b"LIST", b"RETR 1", b"DELE 1", b"NOOP", b"RSET", b"TOP 1 0", b"UIDL",
+                     b"STLS", b"PASS pw", b"USER", b"BOGUS", b"RETR\x001", "NÖOP".encode(),
+                     b"pop___class__", b""):
+            assert client.command(line).startswith(b"-ERR "), line
+        client.login()
+        for line in (b"USER u@example.test", b"PASS pw", b"AUTH PLAIN", b"RETR x", b"RETR 0",
+                     b"LIST 1 2", b"DELE 99999999999"):
+            assert client.command(line).startswith(b"-ERR "), line
+        assert client.command(b"NOOP") == b"+OK"
+
+
+def test_pop3_quit_before_login_closes(pop):
+    with RawPOP3(pop.pop3_port) as client:
+        assert client.command(b"QUIT") == b"+OK Bye"
+        assert client.closed()
+
+
+@pytest.mark.parametrize("length, runs", [(510, True), (511, False)])
+def test_pop3_command_line_limit(pop, length, runs):
+    """SPEC 5: 512 octets with CRLF; a longer line gets one -ERR and is not run."""
+    with RawPOP3(pop.pop3_port) as client:
+        reply = client.command(b"QUIT" + b" " * (length - 4))
+        if runs:
+            assert reply == b"+OK Bye" and client.closed()
+        else:
+            assert reply == b"-ERR Line too long"
+            assert client.command(b"CAPA").startswith(b"+OK")
+
+
+def test_pop3_overlong_line_is_bounded_and_never_run(pop):
+    with RawPOP3(pop.pop3_port) as client:
+        client.send(b"QUIT " + b"x" * 100000 + b"\r\nCAPA\r\n")
+        assert client.status() == b"-ERR Line too long"
+        assert client.status().startswith(b"+OK Capability")
+
+
+def test_pop3_connection_cap(make_server):
+    app = make_server(pop3=("127.0.0.1", 0), max_connections=1)
+    with RawPOP3(app.pop3_port) as first:
+        with Raw(app.pop3_port, greeting=False) as second:
+            assert second.read_line().startswith(b"-ERR [SYS/TEMP] ")
+            assert second.closed()
+        assert first.command(b"CAPA").startswith(b"+OK")
+
+
+def test_pop3_list_reads_no_message_bodies_once_sizes_are_known(pop):
+    if not os.path.exists("/proc/self/io"):
+        pytest.skip("needs Linux /proc/self/io to count bytes read")
+    body = b"line of text\n" * 20000               # 260 kB each, no size tags
+    for number in range(20):
+        put_message(pop, "u@example.test", "%d.untagged" % number, body)
+
+    def bytes_read():
+        with open("/proc/self/io") as file:
+            return int(file.readline().split()[1])     # rchar
+
+    def session():
+        client = pop_client(pop)
+        client.stat()
+        client.list()
+        client.uidl()
+        client.quit()
+
+    before = bytes_read()
+    session()
+    first = bytes_read() - before
+    before = bytes_read()
+    session()
+    second = bytes_read() - before
+    assert first >= 20 * len(body)              # the first session counted line ends
+    assert second < len(body)                   # later ones stat() the files, nothing more
+
+
+def test_pop3_remembered_listing_follows_every_change(pop):
+    """A listing reused while new/ and cur/ are unchanged still sees every change made."""
+    put_message(pop, "u@example.test", "1.msg", b"one\n")
+    put_message(pop, "u@example.test", "2.msg", b"two\n")
+    folders = [os.path.join(pop.maildir.path("u@example.test"), sub) for sub in ("new", "cur")]
+
+    def settle():                               # as if the last change were a minute ago
+        for folder in folders:
+            os.utime(folder, (time.time() - 60, time.time() - 60))
+
+    def uidls():
+        client = pop_client(pop)
+        try:
+            return [line.split()[1] for line in client.uidl()[1]]
+        finally:
+            client.quit()
+
+    settle()
+    assert uidls() == [b"1.msg", b"2.msg"]
+    assert pop.maildir.listings.get("u@example.test") is not None     # remembered
+    with smtp_client(pop.smtp_port) as client:
+        client.sendmail("a@sender.test", ["u@example.test"], b"x\r\n")
+    assert len(uidls()) == 3
+    settle()
+    uidls()
+    first, second = pop.maildir.messages("u@example.test")[:2]
+    pop.maildir.set_flags(first, "S")
+    os.unlink(second.path)
+    client = pop_client(pop)
+    assert [line.split()[1] for line in client.uidl()[1]][0] == b"1.msg"
+    assert client.stat()[0] == 2
+    client.retr(1)
+    client.quit()
+
+
+def test_app_refuses_non_loopback_pop3_without_accounts(tmp_path):
+    app = minimail.App(base_config(tmp_path, pop3=("0.0.0.0", 0)))
+    with pytest.raises(minimail.ConfigError, match="pop3 .*needs accounts"):
+        app.start()
+    result = run_cli("--maildir", str(tmp_path), "--smtp", "off", "--pop3", "0.0.0.0:0")
+    assert result.returncode == 2
+    assert result.stderr.count("\n") == 1 and "needs accounts" in result.stderr
+    app = minimail.App(base_config(tmp_path, pop3=("0.0.0.0", 0), users=ALICE))
+    app.start()
+    app.stop()
+
+
+def test_cli_pop3_option_and_startup_line(tmp_path):
+    result = run_cli("--help")
+    assert "--pop3 ADDR" in result.stdout and "127.0.0.1:1110" in result.stdout
+    process, lines = start_cli(tmp_path, "-q", "--smtp", "off", "--http", "off")
+    try:
+        assert [line.split(" on ")[0] for line in lines] == [
+            "minimail: pop3 listening", "minimail: mail stored in %s\n" % (tmp_path / "md")]
+        port = int(lines[0].rsplit(":", 1)[1])
+        assert port != 0
+        with RawPOP3(port) as client:
+            client.login()
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=20)[1]
+    assert process.returncode == 0 and rest == ""
+    process, lines = start_cli(tmp_path, "-q", "--pop3", "off")
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=20)
+    assert not any(" pop3 listening" in line for line in lines)
+
+
+@pytest.mark.skipif(not shutil.which("mpop"), reason="mpop not installed (Debian package mpop)")
+def test_pop3_mpop_from_readme(tmp_path, pop):
+    with smtp_client(pop.smtp_port) as client:
+        client.sendmail("a@sender.test", ["me@example.test"], b"Subject: mpop\r\n\r\n.dot\r\nx\r\n")
+    inbox = tmp_path / "Mail"
+    for sub in ("tmp", "new", "cur"):
+        (inbox / sub).mkdir(parents=True)
+    result = subprocess.run(
+        ["mpop", "--host=127.0.0.1", "--port=%d" % pop.pop3_port, "--tls=off", "--auth=user",
+         "--user=me@example.test", "--passwordeval=echo any", "--delivery=maildir,%s" % inbox,
+         "--uidls-file=%s" % (tmp_path / "uidls")],
+        capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+        env=dict(os.environ, HOME=str(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    fetched = os.listdir(inbox / "new")
+    assert len(fetched) == 1
+    assert (inbox / "new" / fetched[0]).read_bytes().endswith(b"Subject: mpop\n\n.dot\nx\n")
+    assert box_files(pop, "me@example.test") == {"new": [], "cur": []}     # mpop deleted it
+
+
+@pytest.mark.skipif(not shutil.which("fetchmail"),
+                    reason="fetchmail not installed (Debian package fetchmail)")
+def test_pop3_fetchmail_from_readme(tmp_path, pop):
+    with smtp_client(pop.smtp_port) as client:
+        client.sendmail("a@sender.test", ["me@example.test"], b"Subject: fm\r\n\r\nhello\r\n")
+    rcfile = tmp_path / "fetchmailrc"
+    rcfile.write_text('poll 127.0.0.1 protocol pop3 port %d user "me@example.test" password "any"'
+                      " sslproto '' keep mda \"cat > %s/fetched.eml\"\n" % (pop.pop3_port, tmp_path))
+    rcfile.chmod(0o600)
+    result = subprocess.run(["fetchmail", "-f", str(rcfile), "--nosyslog", "--pidfile",
+                             str(tmp_path / "fetchmail.pid")],
+                            capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
+                            env=dict(os.environ, HOME=str(tmp_path)))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (tmp_path / "fetched.eml").read_bytes().endswith(b"Subject: fm\n\nhello\n")
+    assert box_files(pop, "me@example.test")["cur"] != []      # kept, and marked seen
