@@ -66,7 +66,7 @@ DNS_TYPE_SOA = 6
 DNS_TYPE_MX = 15
 DNS_TYPE_AAAA = 28                  # RFC 3596
 DNS_TYPE_OPT = 41                   # RFC 6891
-DNS_TYPE_NAMES = {DNS_TYPE_A: "A", DNS_TYPE_MX: "MX", DNS_TYPE_AAAA: "AAAA"}
+DNS_TYPE_NAMES = {DNS_TYPE_A: "A", DNS_TYPE_CNAME: "CNAME", DNS_TYPE_MX: "MX", DNS_TYPE_AAAA: "AAAA"}
 DNS_CLASS_IN = 1
 DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                    5: "REFUSED"}     # RFC 1035 4.1.1
@@ -80,6 +80,7 @@ DNS_MAX_LABEL = 63                  # RFC 1035 2.3.4
 DNS_MAX_MESSAGE = 65535             # RFC 1035 4.2.2: the TCP length prefix's limit
 EDNS_PAYLOAD = 1232                 # RFC 6891 6.2.5, the DNS flag day 2020 value
 DNS_MAX_CNAMES = 8                  # CNAMEs followed for one lookup (RFC 1034 3.6.2)
+DNS_MAX_MX_HOSTS = 10               # MX hosts delivery resolves and tries (Postfix tries 5 addresses)
 DNS_MAX_TTL = 86400                 # cache cap, seconds (RFC 2181 8 allows far more)
 DNS_MAX_NEGATIVE_TTL = 10800        # RFC 2308 5: negative answers cached 3 hours at most
 RESOLV_MAX_NAMESERVERS = 3          # glibc MAXNS (resolv.conf(5))
@@ -710,6 +711,14 @@ class DNSMessage:
         return bool(self.flags & DNS_FLAG_TC)
 
 
+def mail_domain(domain: str) -> str:
+    """The A-label form of a domain to look up (one trailing dot allowed); ValueError if bad."""
+    name = normalize_domain(domain[:-1] if domain.endswith(".") else domain)
+    if name.startswith("["):
+        raise ValueError("%s is an address literal, not a domain" % name)
+    return name
+
+
 def encode_name(name: str) -> bytes:
     """The uncompressed wire form of a name given in A-labels; ValueError if it cannot be one."""
     labels = [label.encode("ascii") for label in name.rstrip(".").split(".")] if name.strip(".") else []
@@ -826,25 +835,24 @@ def _read_rdata(data: bytes, rtype: int, start: int, end: int) -> object:
         if end - start != (4 if rtype == DNS_TYPE_A else 16):
             raise DNSFormatError("bad address length")
         return str(ipaddress.ip_address(data[start:end]))
-    fields = ()
-    position = start
-    if rtype == DNS_TYPE_MX:
+    if rtype == DNS_TYPE_CNAME:
+        value, position = _read_name(data, start)
+    elif rtype == DNS_TYPE_MX:
         if end - start < 3:
             raise DNSFormatError("MX record too short")
-        fields = struct.unpack_from("!H", data, start)
-        position += 2
-    if rtype not in (DNS_TYPE_MX, DNS_TYPE_CNAME, DNS_TYPE_SOA):
-        return data[start:end]
-    name, position = _read_name(data, position)
-    fields += (name,)
-    if rtype == DNS_TYPE_SOA:
+        exchange, position = _read_name(data, start + 2)
+        value = (struct.unpack_from("!H", data, start)[0], exchange)
+    elif rtype == DNS_TYPE_SOA:
+        mname, position = _read_name(data, start)
         rname, position = _read_name(data, position)
         if position + 20 != end:
             raise DNSFormatError("bad SOA length")
-        return (name, rname) + struct.unpack_from("!5I", data, position)
+        return (mname, rname) + struct.unpack_from("!5I", data, position)
+    else:
+        return data[start:end]
     if position != end:
         raise DNSFormatError("bad RDLENGTH")
-    return fields if rtype == DNS_TYPE_MX else name
+    return value
 
 
 def read_resolv_conf(path: str) -> tuple:
@@ -921,61 +929,57 @@ class Resolver:
         """The MXHost list of a domain in delivery order; PermFail or TempFail if none.
 
         Preferences ascend and equal ones are shuffled. No MX records means the implicit
-        MX, the domain itself (RFC 5321 5.1); a null MX (RFC 7505) and NXDOMAIN are
-        permanent failures. With addresses, each host gets its A and AAAA addresses,
-        and a domain none of whose hosts has one fails, temporarily if any lookup did.
+        MX, the domain itself, which must then have an address (RFC 5321 5.1); a null
+        MX (RFC 7505) and NXDOMAIN are permanent failures. With addresses, the first
+        DNS_MAX_MX_HOSTS hosts (those delivery tries) are returned with their A and AAAA
+        addresses, and a domain none of whose hosts has one fails, temporarily if any
+        lookup did. Without, every MX host is returned and none is looked up.
         """
         try:
-            name = normalize_domain(domain[:-1] if domain.endswith(".") else domain)
-        except ValueError:
-            raise PermFail("%r is not a valid domain name" % domain) from None
-        if name.startswith("["):
-            raise PermFail("%s is an address literal, not a domain" % name)
+            name = mail_domain(domain)
+        except ValueError as exc:
+            raise PermFail(str(exc)) from None
         answer = self.lookup(name, DNS_TYPE_MX)
         if not answer.exists:
             raise PermFail("domain %s does not exist (NXDOMAIN)" % name)
-        if not answer.records:
-            host = MXHost(0, name)
-            host.addresses, error = self._addresses(name, answer)
-            if not host.addresses:
-                if error is not None:
-                    raise error
-                raise PermFail("domain %s has no MX and no address record" % name)
-            return [host]
         if any(exchange == "" for _, exchange in answer.records):
-            raise PermFail("domain %s accepts no mail (null MX, RFC 7505)" % name)
-        hosts = _order_mx_hosts(answer.records)
-        if not hosts:
-            raise PermFail("no MX record of %s names a valid host" % name)
-        if not addresses:
-            return hosts
+            raise _permanent("domain %s accepts no mail (null MX, RFC 7505)" % name, "5.1.10")
+        if answer.records:
+            hosts = _order_mx_hosts(answer.records)
+            if not hosts:
+                raise _permanent("no MX record of %s names a valid host" % name, "5.4.4")
+            if not addresses:
+                return hosts
+            del hosts[DNS_MAX_MX_HOSTS:]
+        else:
+            hosts = [MXHost(0, name)]
+        known = {}
+        for host_name, address in answer.additional:
+            known.setdefault(host_name, []).append(address)
         errors = []
         for host in hosts:
-            host.addresses, error = self._addresses(host.host, answer)
-            if error is not None:
-                errors.append(error)
+            host.addresses = known.get(host.host) or self._addresses(host.host, errors)
         if any(host.addresses for host in hosts):
             return hosts
         if errors:
-            raise TempFail("no MX host of %s has an address: %s" % (name, errors[0]))
-        raise PermFail("no MX host of %s has an address record" % name)
+            raise TempFail("no address found for the mail hosts of %s: %s" % (name, errors[0]))
+        if answer.records:
+            raise _permanent("no MX host of %s has an address record" % name, "5.4.4")
+        raise _permanent("domain %s has no MX and no address record" % name, "5.4.4")
 
-    def _addresses(self, host: str, mx_answer: _Answer) -> tuple:
-        """(addresses, TempFail or None): A then AAAA, from the MX reply when it has them."""
-        found = [address for name, address in mx_answer.additional if name == host]
-        if found:
-            return found, None
-        error = None
+    def _addresses(self, host: str, errors: list) -> list:
+        """The A then AAAA addresses of a host; temporary failures are added to errors."""
+        found = []
         for qtype in (DNS_TYPE_A, DNS_TYPE_AAAA):
             try:
                 answer = self.lookup(host, qtype)
             except TempFail as exc:
-                error = exc
+                errors.append(exc)
                 continue
             if not answer.exists:
                 break
             found.extend(answer.records)
-        return found, (None if found else error)
+        return found
 
     def lookup(self, name: str, qtype: int) -> _Answer:
         """The records of one type at a name (A-labels), from the cache while fresh."""
@@ -1018,8 +1022,8 @@ class Resolver:
                     break
                 cnames += 1
                 if cnames > DNS_MAX_CNAMES:
-                    raise TempFail("DNS lookup of %s %s: CNAME chain too long or looping"
-                                   % (name, DNS_TYPE_NAMES[qtype]))
+                    raise TempFail("DNS lookup of %s: CNAME chain too long or looping"
+                                   % _question_text(name, qtype))
                 ttl = min(ttl, alias.ttl)
                 target = alias.data
             if records:
@@ -1055,14 +1059,14 @@ class Resolver:
                     return message
                 problems.append("%s answered %s" % (format_addr(server), DNS_RCODE_NAMES.get(
                     message.rcode, "rcode %d" % message.rcode)))
-        raise TempFail("DNS lookup of %s %s failed: %s" % (
-            name, DNS_TYPE_NAMES[qtype], "; ".join(dict.fromkeys(problems))))
+        raise TempFail("DNS lookup of %s failed: %s" % (
+            _question_text(name, qtype), "; ".join(dict.fromkeys(problems))))
 
     def _ask(self, server: tuple, name: str, qtype: int, timeout_s: float) -> DNSMessage:
         """One query to one server over UDP, repeated over TCP if the reply is truncated."""
         query = build_query(name, qtype, secrets.randbits(16))
         question = ((name, qtype, DNS_CLASS_IN),)
-        log.debug("dns >> %s %s %s", format_addr(server), name, DNS_TYPE_NAMES[qtype])
+        log.debug("dns >> %s %s", format_addr(server), _question_text(name, qtype))
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
         deadline = time.monotonic() + timeout_s
         try:
@@ -1081,7 +1085,7 @@ class Resolver:
             raise _ServerFailure("timed out") from None
         except OSError as exc:
             raise _ServerFailure("failed: %s" % (exc.strerror or exc.__class__.__name__)) from None
-        log.debug("dns << %s %s %s %s", format_addr(server), name, DNS_TYPE_NAMES[qtype],
+        log.debug("dns << %s %s %s", format_addr(server), _question_text(name, qtype),
                   DNS_RCODE_NAMES.get(message.rcode, message.rcode))
         return message
 
@@ -1120,6 +1124,17 @@ class Resolver:
         with self.lock:
             self.resolv_conf = (stamp, settings)
         return settings
+
+
+def _permanent(text: str, status: str) -> PermFail:
+    """A PermFail with the enhanced status (RFC 3463) its bounce reports; 5.1.2 without."""
+    error = PermFail(text)
+    error.status = status
+    return error
+
+
+def _question_text(name: str, qtype: int) -> str:
+    return "%s %s" % (name, DNS_TYPE_NAMES.get(qtype, "TYPE%d" % qtype))
 
 
 def _match_reply(data: bytes, query: bytes, question: tuple) -> Optional[DNSMessage]:
@@ -1164,11 +1179,13 @@ def _order_mx_hosts(records: tuple) -> list:
             log.info("dns skipping MX %s: not a host name", exchange)
             continue
         best[host] = min(preference, best.get(host, preference))
+    groups = {}
+    for host, preference in best.items():
+        groups.setdefault(preference, []).append(MXHost(preference, host))
     hosts = []
-    for preference in sorted(set(best.values())):
-        group = [MXHost(preference, host) for host, value in best.items() if value == preference]
-        random.shuffle(group)
-        hosts.extend(group)
+    for preference in sorted(groups):
+        random.shuffle(groups[preference])
+        hosts.extend(groups[preference])
     return hosts
 
 
@@ -2258,7 +2275,7 @@ def print_mx(argv: list) -> int:
     _add_dns_option(parser)
     args = parser.parse_args(argv)
     try:
-        normalize_domain(args.domain[:-1] if args.domain.endswith(".") else args.domain)
+        mail_domain(args.domain)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     try:

@@ -1553,8 +1553,9 @@ def test_dns_implicit_mx_is_the_domain_itself(fake_dns):
 
 def test_dns_null_mx_is_permanent(fake_dns):
     fake_dns.add(mx_rr("example.test", 0, ""), a_rr("example.test", "192.0.2.1"))
-    with pytest.raises(minimail.PermFail, match="null MX"):
+    with pytest.raises(minimail.PermFail, match="null MX") as failure:
         resolver_for(fake_dns).resolve_mx("example.test")
+    assert failure.value.status == "5.1.10"                 # RFC 7505 4.2
 
 
 def test_dns_nxdomain_is_permanent(fake_dns):
@@ -1716,14 +1717,30 @@ def test_dns_host_without_address_kept_with_empty_list(fake_dns):
 
 def test_dns_no_host_with_an_address_fails(fake_dns):
     """RFC 5321 5.1: MX records none of which is usable are an error."""
-    fake_dns.add(mx_rr("example.test", 10, "gone.test"), mx_rr("broken.test", 10, "flaky.test"))
+    fake_dns.add(mx_rr("example.test", 10, "gone.test"), mx_rr("broken.test", 10, "flaky.test"),
+                 rr("nomx.test", 16, b"\x02hi"))
     resolver = resolver_for(fake_dns, dns_timeout=0.2)
-    with pytest.raises(minimail.PermFail, match="no MX host"):
+    with pytest.raises(minimail.PermFail, match="no MX host") as failure:
         resolver.resolve_mx("example.test")
+    assert failure.value.status == "5.4.4"                  # RFC 3463: unable to route
     fake_dns.handler = lambda query: (fake_dns.answer(query) if query.type == T_MX
                                       else [dns_reply(query, rcode=2)])
-    with pytest.raises(minimail.TempFail, match="no MX host"):
+    with pytest.raises(minimail.TempFail, match="SERVFAIL"):
         resolver.resolve_mx("broken.test")
+    with pytest.raises(minimail.TempFail, match="SERVFAIL"):     # an implicit MX alike
+        resolver.resolve_mx("nomx.test")
+
+
+def test_dns_delivery_resolves_ten_mx_hosts_at_most(fake_dns):
+    for number in range(15):
+        fake_dns.add(mx_rr("many.test", number, "mx%d.test" % number),
+                     a_rr("mx%d.test" % number, "192.0.2.%d" % number))
+    resolver = resolver_for(fake_dns)
+    assert len(resolver.resolve_mx("many.test", addresses=False)) == 15
+    hosts = resolver.resolve_mx("many.test")
+    assert hosts_of(hosts) == [(number, "mx%d.test" % number, ["192.0.2.%d" % number])
+                               for number in range(10)]
+    assert len(fake_dns.queries) == 1 + 2 * 10
 
 
 def test_dns_additional_addresses_only_for_exchanges(fake_dns):
