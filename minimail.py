@@ -383,7 +383,7 @@ class MessageIds:
 
 def message_id_of(filename: str) -> str:
     """The message ID (SPEC 3): a Maildir file name up to its first ',' or ':'."""
-    return re.split(r"[,:]", filename, 1)[0]
+    return re.split(r"[,:]", filename, maxsplit=1)[0]
 
 
 def fsync_dir(path: str) -> None:
