@@ -66,7 +66,8 @@ DNS_TYPE_SOA = 6
 DNS_TYPE_MX = 15
 DNS_TYPE_AAAA = 28                  # RFC 3596
 DNS_TYPE_OPT = 41                   # RFC 6891
-DNS_TYPE_NAMES = {DNS_TYPE_A: "A", DNS_TYPE_CNAME: "CNAME", DNS_TYPE_MX: "MX", DNS_TYPE_AAAA: "AAAA"}
+DNS_TYPE_NAMES = {DNS_TYPE_A: "A", DNS_TYPE_CNAME: "CNAME", DNS_TYPE_MX: "MX",
+                  DNS_TYPE_AAAA: "AAAA"}
 DNS_CLASS_IN = 1
 DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
                    5: "REFUSED"}     # RFC 1035 4.1.1
@@ -80,7 +81,7 @@ DNS_MAX_LABEL = 63                  # RFC 1035 2.3.4
 DNS_MAX_MESSAGE = 65535             # RFC 1035 4.2.2: the TCP length prefix's limit
 EDNS_PAYLOAD = 1232                 # RFC 6891 6.2.5, the DNS flag day 2020 value
 DNS_MAX_CNAMES = 8                  # CNAMEs followed for one lookup (RFC 1034 3.6.2)
-DNS_MAX_MX_HOSTS = 10               # MX hosts delivery resolves and tries (Postfix tries 5 addresses)
+DNS_MAX_MX_HOSTS = 10               # MX hosts resolved for delivery (Postfix: 5 addresses)
 DNS_MAX_TTL = 86400                 # cache cap, seconds (RFC 2181 8 allows far more)
 DNS_MAX_NEGATIVE_TTL = 10800        # RFC 2308 5: negative answers cached 3 hours at most
 RESOLV_MAX_NAMESERVERS = 3          # glibc MAXNS (resolv.conf(5))
@@ -161,7 +162,7 @@ class Config:
     loopback_networks: tuple[str, ...] = LOOPBACK_NETWORKS   # tests narrow this
     dns: tuple[tuple[str, int], ...] = ()           # nameservers; () reads resolv_conf
     dns_timeout: Optional[float] = None             # seconds per try; None: resolv.conf's or 5
-    dns_attempts: Optional[int] = None              # rounds over the servers; None: resolv.conf's or 2
+    dns_attempts: Optional[int] = None              # rounds of tries; None: resolv.conf's or 2
     dns_cache_size: int = 10000                     # cached DNS answers at most
     resolv_conf: str = "/etc/resolv.conf"
 
@@ -721,7 +722,8 @@ def mail_domain(domain: str) -> str:
 
 def encode_name(name: str) -> bytes:
     """The uncompressed wire form of a name given in A-labels; ValueError if it cannot be one."""
-    labels = [label.encode("ascii") for label in name.rstrip(".").split(".")] if name.strip(".") else []
+    text = name[:-1] if name.endswith(".") else name
+    labels = [label.encode("ascii") for label in text.split(".")] if text else []
     if any(not 0 < len(label) <= DNS_MAX_LABEL for label in labels):
         raise ValueError("bad DNS name %r" % name)
     wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
@@ -809,7 +811,7 @@ def _read_name(data: bytes, offset: int) -> tuple:
 
 
 def _label_text(label: bytes) -> str:
-    """A label as lowercase text; dots, backslashes and unprintable bytes become \\DDD (RFC 1035 5.1)."""
+    """A label as lowercase text; ".", "\\" and unprintable bytes become \\DDD (RFC 1035 5.1)."""
     return re.sub(rb"[^!-~]|[.\\]", lambda match: b"\\%03d" % match.group()[0],
                   label.lower()).decode("ascii")
 
@@ -1032,9 +1034,8 @@ class Resolver:
                 if qtype == DNS_TYPE_MX:
                     additional = _mx_additional(message, records)
                     ttl = min([ttl] + [record.ttl for record in additional])
-                return _Answer(tuple(record.data for record in records),
-                               additional=tuple((record.name, record.data) for record in additional),
-                               ttl=ttl)
+                return _Answer(tuple(record.data for record in records), ttl=ttl, additional=tuple(
+                    (record.name, record.data) for record in additional))
             if message.rcode == DNS_NXDOMAIN or target == asked:
                 return _Answer((), exists=message.rcode != DNS_NXDOMAIN,
                                ttl=min(ttl, _negative_ttl(message)))
@@ -1089,7 +1090,8 @@ class Resolver:
                   DNS_RCODE_NAMES.get(message.rcode, message.rcode))
         return message
 
-    def _ask_tcp(self, server: tuple, query: bytes, question: tuple, timeout_s: float) -> DNSMessage:
+    def _ask_tcp(self, server: tuple, query: bytes, question: tuple,
+                 timeout_s: float) -> DNSMessage:
         """Repeat a query over TCP (RFC 7766 5): two-octet length prefix, bounded reads."""
         deadline = time.monotonic() + timeout_s
         with socket.create_connection(server, timeout=timeout_s) as sock:
@@ -1105,7 +1107,8 @@ class Resolver:
         resolv.conf's; Config.dns_timeout and dns_attempts override either."""
         config = self.config
         if config.dns:
-            servers, timeout_s, attempts = config.dns, RESOLV_DEFAULT_TIMEOUT, RESOLV_DEFAULT_ATTEMPTS
+            servers = config.dns
+            timeout_s, attempts = RESOLV_DEFAULT_TIMEOUT, RESOLV_DEFAULT_ATTEMPTS
         else:
             servers, timeout_s, attempts = self._read_resolv_conf()
         return (servers, float(timeout_s if config.dns_timeout is None else config.dns_timeout),

@@ -1256,39 +1256,38 @@ def soa_rr(zone, ttl=60, minimum=60):
     return rr(zone, T_SOA, rdata, ttl)
 
 
+def name_and_type(data, offset):
+    """The uncompressed name at offset (case kept) and the type after it."""
+    labels = []
+    while data[offset]:
+        labels.append(data[offset + 1:offset + 1 + data[offset]].decode("ascii"))
+        offset += 1 + data[offset]
+    return ".".join(labels), struct.unpack_from("!H", data, offset + 1)[0]
+
+
 def record_key(record):
     """(lowercase name, type) of an encoded record."""
-    labels, offset = [], 0
-    while record[offset]:
-        labels.append(record[offset + 1:offset + 1 + record[offset]].decode("ascii").lower())
-        offset += 1 + record[offset]
-    return ".".join(labels), struct.unpack_from("!H", record, offset + 1)[0]
+    name, rtype = name_and_type(record, 0)
+    return name.lower(), rtype
 
 
 @dataclasses.dataclass
 class Query:
     id: int
     name: str               # as sent (case kept)
-    type: int
-    raw: bytes
+    qtype: int
     client: tuple
     transport: str          # "udp" or "tcp"
 
 
 def parse_query(data, client=None, transport="udp"):
-    labels, offset = [], 12
-    while data[offset]:
-        labels.append(data[offset + 1:offset + 1 + data[offset]].decode("ascii"))
-        offset += 1 + data[offset]
-    qtype = struct.unpack_from("!H", data, offset + 1)[0]
-    return Query(struct.unpack_from("!H", data)[0], ".".join(labels), qtype, data, client,
-                 transport)
+    return Query(struct.unpack_from("!H", data)[0], *name_and_type(data, 12), client, transport)
 
 
 def dns_reply(query, answers=(), authority=(), additional=(), rcode=0, tc=False, qid=None,
               question=None, flags=0x8180):
     """A response to query (QR RD RA set by default), echoing its question unless told."""
-    name, qtype = question or (query.name, query.type)
+    name, qtype = question or (query.name, query.qtype)
     header = struct.pack("!6H", query.id if qid is None else qid,
                          flags | rcode | (0x0200 if tc else 0),
                          1, len(answers), len(authority), len(additional))
@@ -1327,6 +1326,8 @@ class FakeDNS:
                 self.udp.close()
                 self.tcp.close()
         self.tcp.listen(8)
+        self.udp.settimeout(5)          # select() says when they are ready; never a long wait
+        self.tcp.settimeout(5)
         self.address = (host, self.udp.getsockname()[1])
         self.records = []
         self.soa = soa_rr("test")
@@ -1343,7 +1344,7 @@ class FakeDNS:
 
     def asked(self, transport=None):
         """(name, type) of every query so far, optionally of one transport."""
-        return [(query.name.lower(), query.type) for query in self.queries
+        return [(query.name.lower(), query.qtype) for query in self.queries
                 if transport in (None, query.transport)]
 
     def answer(self, query):
@@ -1352,7 +1353,7 @@ class FakeDNS:
                 if record_key(record)[0] == name]
         if not here:
             return [dns_reply(query, authority=[self.soa] if self.soa else [], rcode=3)]
-        found = [record for rtype, record in here if rtype == query.type] or \
+        found = [record for rtype, record in here if rtype == query.qtype] or \
                 [record for rtype, record in here if rtype == T_CNAME]
         return [dns_reply(query, found, authority=[] if found or not self.soa else [self.soa])]
 
@@ -1435,7 +1436,7 @@ def test_dns_build_query_wire_format():
     data = minimail.build_query("xn--bcher-kva.example", T_MX, 0x1234)
     query = parse_query(data)
     flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!5H", data, 2)
-    assert (query.id, query.name, query.type) == (0x1234, "xn--bcher-kva.example", T_MX)
+    assert (query.id, query.name, query.qtype) == (0x1234, "xn--bcher-kva.example", T_MX)
     assert flags == 0x0100 and (qdcount, ancount, nscount, arcount) == (1, 0, 0, 1)
     # RFC 6891 6.1.2: OPT at the root, CLASS is the UDP payload size.
     assert data.endswith(wire_name("xn--bcher-kva.example") + struct.pack("!HH", T_MX, 1)
@@ -1458,7 +1459,8 @@ def test_dns_parse_response_follows_compression_and_lowercases():
     assert message.id == 7 and message.rcode == 0 and not message.truncated
     assert message.question == (("example.test", T_MX, 1),)
     mx, other = message.answers
-    assert (mx.name, mx.rtype, mx.ttl, mx.data) == ("example.test", T_MX, 300, (10, "mx1.example.test"))
+    assert (mx.name, mx.rtype, mx.ttl) == ("example.test", T_MX, 300)
+    assert mx.data == (10, "mx1.example.test")
     assert other.data == b"ab" and other.ttl == 0       # RFC 2181 8: top bit set means 0
 
 
@@ -1494,7 +1496,8 @@ MALFORMED = {
     "A of 5 octets": _header(an=1) + _QUESTION + b"\xc0\x0c"
                      + struct.pack("!HHIH", T_A, 1, 60, 5) + b"\x01\x02\x03\x04\x05",
     "MX name past rdlength": _header(an=1) + _QUESTION + b"\xc0\x0c"
-                             + struct.pack("!HHIH", T_MX, 1, 60, 4) + b"\x00\x0a" + wire_name("mx1.test"),
+                             + struct.pack("!HHIH", T_MX, 1, 60, 4) + b"\x00\x0a"
+                             + wire_name("mx1.test"),
     "MX too short": _header(an=1) + _QUESTION + b"\xc0\x0c"
                     + struct.pack("!HHIH", T_MX, 1, 60, 1) + b"\x00",
     "SOA too short": _header(ns=1) + _QUESTION + b"\xc0\x0c"
@@ -1541,7 +1544,8 @@ def test_dns_mx_sorted_by_preference_equal_ones_shuffled(fake_dns):
         assert [host.preference for host in hosts] == [5, 10, 10, 10, 20]
         assert hosts[0].host == "first.test" and hosts[-1].host == "z.test"
         orders.add(tuple(host.host for host in hosts[1:4]))
-    assert len(orders) > 1 and all(sorted(order) == ["a.test", "b.test", "c.test"] for order in orders)
+    assert len(orders) > 1
+    assert all(sorted(order) == ["a.test", "b.test", "c.test"] for order in orders)
     assert fake_dns.asked() == [("example.test", T_MX)]         # shuffled after the cache
 
 
@@ -1608,6 +1612,7 @@ def test_dns_timeout_everywhere_is_temporary_and_bounded(make_dns):
 def test_dns_unreachable_server_fails_over_at_once(fake_dns):
     standard_zone(fake_dns)
     closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.settimeout(5)
     closed.bind(("127.0.0.1", 0))
     address = closed.getsockname()
     closed.close()                  # nothing listens there: ICMP port unreachable
@@ -1620,7 +1625,7 @@ def test_dns_truncated_reply_retried_over_tcp(fake_dns):
     standard_zone(fake_dns)
 
     def handler(query):
-        if query.transport == "udp" and query.type == T_MX:
+        if query.transport == "udp" and query.qtype == T_MX:
             return [dns_reply(query, [mx_rr("example.test", 99, "partial.test")], tc=True)]
         return fake_dns.answer(query)
 
@@ -1713,6 +1718,7 @@ def test_dns_host_without_address_kept_with_empty_list(fake_dns):
                  a_rr("mx.test", "192.0.2.5"))
     hosts = resolver_for(fake_dns).resolve_mx("example.test")
     assert hosts_of(hosts) == [(10, "gone.test", []), (20, "mx.test", ["192.0.2.5"])]
+    assert ("gone.test", T_AAAA) not in fake_dns.asked()        # no AAAA after NXDOMAIN for A
 
 
 def test_dns_no_host_with_an_address_fails(fake_dns):
@@ -1723,7 +1729,7 @@ def test_dns_no_host_with_an_address_fails(fake_dns):
     with pytest.raises(minimail.PermFail, match="no MX host") as failure:
         resolver.resolve_mx("example.test")
     assert failure.value.status == "5.4.4"                  # RFC 3463: unable to route
-    fake_dns.handler = lambda query: (fake_dns.answer(query) if query.type == T_MX
+    fake_dns.handler = lambda query: (fake_dns.answer(query) if query.qtype == T_MX
                                       else [dns_reply(query, rcode=2)])
     with pytest.raises(minimail.TempFail, match="SERVFAIL"):
         resolver.resolve_mx("broken.test")
@@ -1747,7 +1753,7 @@ def test_dns_additional_addresses_only_for_exchanges(fake_dns):
     standard_zone(fake_dns)
 
     def handler(query):
-        if query.type != T_MX:
+        if query.qtype != T_MX:
             return fake_dns.answer(query)
         return [dns_reply(query, [mx_rr("example.test", 10, "mx1.example.test"),
                                   mx_rr("example.test", 20, "mx2.example.test")],
@@ -1778,12 +1784,13 @@ def test_dns_ipv6_nameserver(make_dns):
 
 def _other_source(query, data):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
         sock.sendto(data, query.client)
 
 
 SPOOFS = {
     "wrong id": lambda query, answer: dns_reply(query, answer, qid=query.id ^ 0x5555),
-    "wrong name": lambda query, answer: dns_reply(query, answer, question=("evil.test", query.type)),
+    "wrong name": lambda query, answer: dns_reply(query, answer, question=("evil.test", query.qtype)),
     "wrong type": lambda query, answer: dns_reply(query, answer, question=(query.name, T_A)),
     "not a response": lambda query, answer: dns_reply(query, answer, flags=0x0100),
     "wrong source": lambda query, answer: _other_source(query, dns_reply(query, answer)),
@@ -1828,7 +1835,8 @@ def test_dns_cache_answers_repeated_lookups(fake_dns):
 
 
 def test_dns_cache_honours_ttl(fake_dns):
-    fake_dns.add(mx_rr("zero.test", 10, "mx.zero.test", ttl=0), mx_rr("short.test", 10, "mx.test", ttl=1))
+    fake_dns.add(mx_rr("zero.test", 10, "mx.zero.test", ttl=0),
+                 mx_rr("short.test", 10, "mx.test", ttl=1))
     resolver = resolver_for(fake_dns)
     for _ in range(2):
         resolver.resolve_mx("zero.test", addresses=False)
@@ -1973,7 +1981,9 @@ def test_dns_mx_command_failures(fake_dns, domain, code, message):
     fake_dns.add(mx_rr("null.test", 0, ""), rr("empty.test", 16, b"\x02hi"))
 
     def handler(query):
-        return [dns_reply(query, rcode=2)] if query.name == "servfail.test" else fake_dns.answer(query)
+        if query.name == "servfail.test":
+            return [dns_reply(query, rcode=2)]
+        return fake_dns.answer(query)
 
     fake_dns.handler = handler
     result = run_mx(fake_dns, domain)
@@ -1998,6 +2008,7 @@ DNSMASQ = "/usr/sbin/dnsmasq"
                     reason="dnsmasq not installed (Debian package dnsmasq-base)")
 def test_dns_through_real_dnsmasq(tmp_path):
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(5)
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     args = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
