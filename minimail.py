@@ -799,21 +799,24 @@ def _read_name(data: bytes, offset: int) -> tuple:
         if length > DNS_MAX_LABEL:
             raise DNSFormatError("bad label length or type %#x" % length)
         if length == 0:
-            return ".".join(labels), position + 1 if end is None else end
+            if any(_LABEL_ESCAPE_RE.search(label) for label in labels):
+                labels = [_LABEL_ESCAPE_RE.sub(_escape_octet, label) for label in labels]
+            return b".".join(labels).lower().decode("ascii"), position + 1 if end is None else end
         wire_length += length + 1
         if wire_length > DNS_MAX_NAME:
             raise DNSFormatError("name longer than 255 octets")
         label = data[position + 1:position + 1 + length]
         if len(label) < length:
             raise DNSFormatError("label runs past the end")
-        labels.append(_label_text(label))
+        labels.append(label)
         position += 1 + length
 
 
-def _label_text(label: bytes) -> str:
-    """A label as lowercase text; ".", "\\" and unprintable bytes become \\DDD (RFC 1035 5.1)."""
-    return re.sub(rb"[^!-~]|[.\\]", lambda match: b"\\%03d" % match.group()[0],
-                  label.lower()).decode("ascii")
+_LABEL_ESCAPE_RE = re.compile(rb"[^!-~]|[.\\]")      # octets written as \DDD (RFC 1035 5.1)
+
+
+def _escape_octet(match) -> bytes:
+    return b"\\%03d" % match.group()[0]
 
 
 def _read_record(data: bytes, offset: int) -> tuple:
@@ -834,9 +837,10 @@ def _read_record(data: bytes, offset: int) -> tuple:
 def _read_rdata(data: bytes, rtype: int, start: int, end: int) -> object:
     """Decode the RDATA of the types the resolver uses; its length must be exact."""
     if rtype in (DNS_TYPE_A, DNS_TYPE_AAAA):
+        family = socket.AF_INET if rtype == DNS_TYPE_A else socket.AF_INET6
         if end - start != (4 if rtype == DNS_TYPE_A else 16):
             raise DNSFormatError("bad address length")
-        return str(ipaddress.ip_address(data[start:end]))
+        return socket.inet_ntop(family, data[start:end])
     if rtype == DNS_TYPE_CNAME:
         value, position = _read_name(data, start)
     elif rtype == DNS_TYPE_MX:

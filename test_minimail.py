@@ -1464,6 +1464,19 @@ def test_dns_parse_response_follows_compression_and_lowercases():
     assert other.data == b"ab" and other.ttl == 0       # RFC 2181 8: top bit set means 0
 
 
+def test_dns_parse_response_escapes_odd_labels():
+    """RFC 1035 5.1: a dot, backslash or unprintable octet inside a label is written \\DDD."""
+    data = struct.pack("!6H", 1, 0x8180, 1, 0, 0, 0) + b"\x03a.b\x04X y\\\x03COM\x00\x00\x01\x00\x01"
+    assert minimail.parse_response(data).question == (("a\\046b.x\\032y\\092.com", T_A, 1),)
+
+
+def test_dns_addresses_print_alike_on_every_python():
+    reply = dns_reply(parse_query(minimail.build_query("h.test", T_AAAA, 3)),
+                      [a_rr("h.test", "::ffff:192.0.2.1"), a_rr("h.test", "2001:DB8:0::1")])
+    assert [record.data for record in minimail.parse_response(reply).answers] == [
+        "::ffff:192.0.2.1", "2001:db8::1"]
+
+
 def test_dns_parse_truncated_response_keeps_header_and_question():
     data = dns_reply(parse_query(minimail.build_query("example.test", T_MX, 9)), tc=True)
     data = data[:4] + struct.pack("!H", 1) + struct.pack("!H", 5) + data[8:]   # 5 answers, none sent
