@@ -11,7 +11,8 @@ Implements SMTP (RFC 5321) with ESMTP extensions PIPELINING (RFC 2920), SIZE
 (RFC 2034, 3463), CHUNKING (RFC 3030), STARTTLS (RFC 3207) and AUTH PLAIN/LOGIN
 (RFC 4954, 4616), submission (RFC 6409), Maildir delivery, and the Received
 protocol names of RFC 3848; POP3 (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595)
-and AUTH PLAIN (RFC 5034); and an HTTP page and JSON API compatible with Mailpit's
+and AUTH PLAIN (RFC 5034); its own MX resolver (RFC 1035, 2181, 2308, 5452, 6891,
+7505, 7766; RFC 5321 5.1); and an HTTP page and JSON API compatible with Mailpit's
 API v1 (HTTP/1.1, RFC 9110/9112; server-sent events; HTTP Basic, RFC 7617).
 """
 
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import collections
 import dataclasses
 import datetime
 import errno
@@ -32,6 +34,7 @@ import os
 import queue
 import random
 import re
+import secrets
 import signal
 import socket
 import socketserver
@@ -44,7 +47,7 @@ from functools import cached_property, lru_cache
 from typing import Optional
 
 __version__ = "0.1.0"
-__all__ = ["Config", "App", "main"]
+__all__ = ["Config", "App", "main", "resolve_mx"]
 
 
 # --- Protocol constants -------------------------------------------------------
@@ -71,6 +74,39 @@ POP3_MAX_COMMAND_LINE = 512         # SPEC 5 (RFC 2449 4 asks clients for at mos
 POP3_LOCK_FILE = ".minimail-pop3.lock"  # in the mailbox folder, beside tmp/ new/ cur/
 POP3_MAX_UIDL = 70                  # RFC 1939 7: a unique-id is 1 to 70 characters 0x21-0x7E
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")   # SPEC 1
+
+DNS_PORT = 53
+DNS_TYPE_A = 1                      # RFC 1035 3.2.2
+DNS_TYPE_CNAME = 5
+DNS_TYPE_SOA = 6
+DNS_TYPE_MX = 15
+DNS_TYPE_AAAA = 28                  # RFC 3596
+DNS_TYPE_OPT = 41                   # RFC 6891
+DNS_TYPE_NAMES = {DNS_TYPE_A: "A", DNS_TYPE_CNAME: "CNAME", DNS_TYPE_MX: "MX",
+                  DNS_TYPE_AAAA: "AAAA"}
+DNS_CLASS_IN = 1
+DNS_RCODE_NAMES = {0: "NOERROR", 1: "FORMERR", 2: "SERVFAIL", 3: "NXDOMAIN", 4: "NOTIMP",
+                   5: "REFUSED"}     # RFC 1035 4.1.1
+DNS_NOERROR = 0
+DNS_NXDOMAIN = 3
+DNS_FLAG_QR = 0x8000                # RFC 1035 4.1.1 header flags
+DNS_FLAG_TC = 0x0200
+DNS_FLAG_RD = 0x0100
+DNS_MAX_NAME = 255                  # RFC 1035 2.3.4: octets of a name on the wire
+DNS_MAX_LABEL = 63                  # RFC 1035 2.3.4
+DNS_MAX_MESSAGE = 65535             # RFC 1035 4.2.2: the TCP length prefix's limit
+EDNS_PAYLOAD = 1232                 # RFC 6891 6.2.5, the DNS flag day 2020 value
+DNS_MAX_CNAMES = 8                  # CNAMEs followed for one lookup (RFC 1034 3.6.2)
+DNS_MAX_MX_HOSTS = 10               # MX hosts resolved for delivery (Postfix: 5 addresses)
+DNS_MAX_TTL = 86400                 # cache cap, seconds (RFC 2181 8 allows far more)
+DNS_MAX_NEGATIVE_TTL = 10800        # RFC 2308 5: negative answers cached 3 hours at most
+RESOLV_MAX_NAMESERVERS = 3          # glibc MAXNS (resolv.conf(5))
+RESOLV_DEFAULT_TIMEOUT = 5          # seconds, glibc RES_TIMEOUT
+RESOLV_DEFAULT_ATTEMPTS = 2         # glibc RES_DFLRETRY
+RESOLV_MAX_TIMEOUT = 30             # glibc RES_MAXRETRANS
+RESOLV_MAX_ATTEMPTS = 5             # glibc RES_MAXRETRY
+RESOLV_CONF_MAX = 64 * 1024         # bytes of resolv.conf read
+EXIT_TEMPFAIL = 75                  # sysexits.h EX_TEMPFAIL: the `mx` command's temporary failure
 
 VERB_RE = re.compile(rb"[A-Za-z]{1,12}")
 DATA_TERMINATOR = b"\r\n.\r\n"      # RFC 5321 4.1.1.4: the only end of DATA
@@ -149,6 +185,11 @@ class Config:
     relay_workers: int = 4                          # deliveries at the same time
     loopback_networks: tuple[str, ...] = LOOPBACK_NETWORKS   # tests narrow this
     http_scan_interval: float = 1.0                 # seconds between maildir scans while waiting
+    dns: tuple[tuple[str, int], ...] = ()           # nameservers; () reads resolv_conf
+    dns_timeout: Optional[float] = None             # seconds per try; None: resolv.conf's or 5
+    dns_attempts: Optional[int] = None              # rounds of tries; None: resolv.conf's or 2
+    dns_cache_size: int = 10000                     # cached DNS answers at most
+    resolv_conf: str = "/etc/resolv.conf"
 
     @cached_property
     def accounts(self) -> dict:
@@ -198,6 +239,22 @@ def parse_addr(text: str) -> Optional[tuple[str, int]]:
     if not port.isdigit() or int(port) > 65535 or not host:
         raise ValueError("bad address %r (use HOST:PORT, [IPv6]:PORT or PORT)" % text)
     return host, int(port)
+
+
+def parse_nameserver(text: str) -> tuple[str, int]:
+    """Parse a --dns server: IP, IP:PORT, [IPv6]:PORT, [IPv6] or a bare IPv6 address (port 53)."""
+    host, port = text, DNS_PORT
+    try:
+        if text.startswith("[") and text.endswith("]"):
+            host = text[1:-1]
+        elif text.startswith("[") or text.count(":") == 1:
+            host, port = parse_addr(text)
+        ipaddress.ip_address(host.split("%", 1)[0])
+        if port == 0:
+            raise ValueError("port 0")
+    except ValueError:
+        raise ValueError("bad nameserver %r (use IP, IP:PORT or [IPv6]:PORT)" % text) from None
+    return host, port
 
 
 def parse_time(text: str) -> float:
@@ -886,6 +943,547 @@ class Queue:
             os.close(fd)
             return None
         return fd
+
+
+# --- DNS --------------------------------------------------------------------------
+
+class DNSFormatError(ValueError):
+    """A DNS message that breaks the RFC 1035 wire format."""
+
+
+@dataclass(frozen=True)
+class DNSRecord:
+    """One resource record. data is an IP string (A, AAAA), a name (CNAME), a tuple
+    (preference, exchange) for MX or (mname, rname, serial, refresh, retry, expire,
+    minimum) for SOA, and the raw bytes for every other type."""
+    name: str
+    rtype: int
+    rclass: int
+    ttl: int
+    data: object
+
+
+@dataclass(frozen=True)
+class DNSMessage:
+    """A decoded DNS message; names are lowercase, without a trailing dot ("" is the root)."""
+    id: int
+    flags: int
+    rcode: int              # with the EDNS0 extended bits (RFC 6891 6.1.3)
+    question: tuple         # ((name, type, class), ...)
+    answers: tuple = ()
+    authority: tuple = ()
+    additional: tuple = ()
+
+    @property
+    def truncated(self) -> bool:
+        return bool(self.flags & DNS_FLAG_TC)
+
+
+def mail_domain(domain: str) -> str:
+    """The A-label form of a domain to look up (one trailing dot allowed); ValueError if bad."""
+    name = normalize_domain(domain[:-1] if domain.endswith(".") else domain)
+    if name.startswith("["):
+        raise ValueError("%s is an address literal, not a domain" % name)
+    return name
+
+
+def encode_name(name: str) -> bytes:
+    """The uncompressed wire form of a name given in A-labels; ValueError if it cannot be one."""
+    text = name[:-1] if name.endswith(".") else name
+    labels = [label.encode("ascii") for label in text.split(".")] if text else []
+    if any(not 0 < len(label) <= DNS_MAX_LABEL for label in labels):
+        raise ValueError("bad DNS name %r" % name)
+    wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
+    if len(wire) > DNS_MAX_NAME:
+        raise ValueError("DNS name too long")
+    return wire
+
+
+def build_query(name: str, qtype: int, query_id: int) -> bytes:
+    """A recursive query for one name and type, with an EDNS0 OPT record (RFC 6891)."""
+    header = struct.pack("!6H", query_id, DNS_FLAG_RD, 1, 0, 0, 1)
+    opt = b"\x00" + struct.pack("!HHIH", DNS_TYPE_OPT, EDNS_PAYLOAD, 0, 0)
+    return header + encode_name(name) + struct.pack("!HH", qtype, DNS_CLASS_IN) + opt
+
+
+def parse_response(data: bytes) -> DNSMessage:
+    """Decode a DNS message; DNSFormatError for anything RFC 1035 does not allow.
+
+    Every count and length is checked against the packet. A truncated (TC) message
+    keeps only its header and question: its other sections may be cut anywhere, and
+    it is asked again over TCP anyway (RFC 2181 9).
+    """
+    if len(data) < 12:
+        raise DNSFormatError("short header")
+    query_id, flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!6H", data)
+    offset = 12
+    question = []
+    for _ in range(qdcount):
+        name, offset = _read_name(data, offset)
+        if offset + 4 > len(data):
+            raise DNSFormatError("question runs past the end")
+        question.append((name,) + struct.unpack_from("!HH", data, offset))
+        offset += 4
+    sections = ([], [], [])
+    if not flags & DNS_FLAG_TC:
+        for section, count in zip(sections, (ancount, nscount, arcount)):
+            for _ in range(count):
+                record, offset = _read_record(data, offset)
+                section.append(record)
+    rcode = flags & 0x000F
+    for record in sections[2]:
+        if record.rtype == DNS_TYPE_OPT:
+            rcode |= (record.ttl >> 24) << 4
+            break
+    return DNSMessage(query_id, flags, rcode, tuple(question), *map(tuple, sections))
+
+
+def _read_name(data: bytes, offset: int) -> tuple:
+    """Decode the name at offset; return it and the offset just after it.
+
+    A compression pointer must point before the labels that led to it (RFC 1035 4.1.4
+    says "prior occurrence"), so pointers can neither loop nor point forward; the name
+    may not exceed 255 octets.
+    """
+    labels = []
+    wire_length = 1
+    end = None                  # where the name ends at its original place
+    start = position = offset
+    while True:
+        if position >= len(data):
+            raise DNSFormatError("name runs past the end")
+        length = data[position]
+        if length >= 0xC0:
+            if position + 1 >= len(data):
+                raise DNSFormatError("name runs past the end")
+            target = (length & 0x3F) << 8 | data[position + 1]
+            if target >= start:
+                raise DNSFormatError("compression pointer does not point backwards")
+            if end is None:
+                end = position + 2
+            start = position = target
+            continue
+        if length > DNS_MAX_LABEL:
+            raise DNSFormatError("bad label length or type %#x" % length)
+        if length == 0:
+            if any(_LABEL_ESCAPE_RE.search(label) for label in labels):
+                labels = [_LABEL_ESCAPE_RE.sub(_escape_octet, label) for label in labels]
+            return b".".join(labels).lower().decode("ascii"), position + 1 if end is None else end
+        wire_length += length + 1
+        if wire_length > DNS_MAX_NAME:
+            raise DNSFormatError("name longer than 255 octets")
+        label = data[position + 1:position + 1 + length]
+        if len(label) < length:
+            raise DNSFormatError("label runs past the end")
+        labels.append(label)
+        position += 1 + length
+
+
+_LABEL_ESCAPE_RE = re.compile(rb"[^!-~]|[.\\]")      # octets written as \DDD (RFC 1035 5.1)
+
+
+def _escape_octet(match) -> bytes:
+    return b"\\%03d" % match.group()[0]
+
+
+def _read_record(data: bytes, offset: int) -> tuple:
+    """Decode the resource record at offset; return it and the offset after it."""
+    name, offset = _read_name(data, offset)
+    if offset + 10 > len(data):
+        raise DNSFormatError("record runs past the end")
+    rtype, rclass, ttl, rdlength = struct.unpack_from("!HHIH", data, offset)
+    start = offset + 10
+    end = start + rdlength
+    if end > len(data):
+        raise DNSFormatError("RDLENGTH runs past the end")
+    if rtype != DNS_TYPE_OPT and ttl >= 1 << 31:
+        ttl = 0                 # RFC 2181 8: a TTL with the top bit set means zero
+    return DNSRecord(name, rtype, rclass, ttl, _read_rdata(data, rtype, start, end)), end
+
+
+def _read_rdata(data: bytes, rtype: int, start: int, end: int) -> object:
+    """Decode the RDATA of the types the resolver uses; its length must be exact."""
+    if rtype in (DNS_TYPE_A, DNS_TYPE_AAAA):
+        family = socket.AF_INET if rtype == DNS_TYPE_A else socket.AF_INET6
+        if end - start != (4 if rtype == DNS_TYPE_A else 16):
+            raise DNSFormatError("bad address length")
+        return socket.inet_ntop(family, data[start:end])
+    if rtype == DNS_TYPE_CNAME:
+        value, position = _read_name(data, start)
+    elif rtype == DNS_TYPE_MX:
+        if end - start < 3:
+            raise DNSFormatError("MX record too short")
+        exchange, position = _read_name(data, start + 2)
+        value = (struct.unpack_from("!H", data, start)[0], exchange)
+    elif rtype == DNS_TYPE_SOA:
+        mname, position = _read_name(data, start)
+        rname, position = _read_name(data, position)
+        if position + 20 != end:
+            raise DNSFormatError("bad SOA length")
+        return (mname, rname) + struct.unpack_from("!5I", data, position)
+    else:
+        return data[start:end]
+    if position != end:
+        raise DNSFormatError("bad RDLENGTH")
+    return value
+
+
+def read_resolv_conf(path: str) -> tuple:
+    """(nameservers, timeout_s, attempts) from a resolv.conf, with glibc's defaults and caps.
+
+    Only `nameserver` (the first three) and `options timeout:N attempts:N` matter here.
+    Without any nameserver, or without the file, the local server is used (resolv.conf(5)).
+    """
+    servers = []
+    timeout_s = RESOLV_DEFAULT_TIMEOUT
+    attempts = RESOLV_DEFAULT_ATTEMPTS
+    try:
+        with open(path, encoding="utf-8", errors="replace") as file:
+            lines = file.read(RESOLV_CONF_MAX).splitlines()
+    except OSError:
+        lines = []
+    for line in lines:
+        words = line.split()
+        if len(words) >= 2 and words[0] == "nameserver" and len(servers) < RESOLV_MAX_NAMESERVERS:
+            try:
+                ipaddress.ip_address(words[1].split("%", 1)[0])
+            except ValueError:
+                continue
+            servers.append((words[1], DNS_PORT))
+        elif words and words[0] == "options":
+            for option in words[1:]:
+                name, _, value = option.partition(":")
+                if name == "timeout" and value.isdigit():
+                    timeout_s = min(max(int(value), 1), RESOLV_MAX_TIMEOUT)
+                elif name == "attempts" and value.isdigit():
+                    attempts = min(max(int(value), 1), RESOLV_MAX_ATTEMPTS)
+    return tuple(servers) or (("127.0.0.1", DNS_PORT),), float(timeout_s), attempts
+
+
+@dataclass
+class MXHost:
+    """A mail exchanger of a domain (RFC 5321 5.1)."""
+    preference: int
+    host: str                                       # A-label, lowercase, no trailing dot
+    addresses: list = field(default_factory=list)   # IPv4 first, then IPv6; may be empty
+
+
+@dataclass(frozen=True)
+class _Answer:
+    """The outcome of one lookup, as cached: the records of the asked type at the end of
+    any CNAME chain (empty for NODATA and NXDOMAIN)."""
+    records: tuple
+    exists: bool = True             # False for NXDOMAIN
+    additional: tuple = ()          # (name, address) of MX exchanges, from the same reply
+    ttl: int = 0
+
+
+class _ServerFailure(Exception):
+    """One nameserver gave no usable reply (timeout, error, malformed); ask the next."""
+
+
+class Resolver:
+    """A caching stub resolver for mail delivery: MX, then A and AAAA (SPEC 6).
+
+    Queries go over UDP, and again over TCP when truncated, to each nameserver in turn.
+    Every query has a random ID and its own socket (a random source port), and replies
+    that do not match the server, ID and question are ignored (RFC 5452 9). Answers are
+    cached by TTL, negative ones by their SOA (RFC 2308); the cache is bounded and
+    shared by the threads that use this resolver.
+    """
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.lock = threading.Lock()
+        self.cache = collections.OrderedDict()      # (name, qtype) -> (expiry, _Answer)
+        self.resolv_conf = None                     # (mtime, settings) of the last read
+
+    def resolve_mx(self, domain: str, addresses: bool = True) -> list:
+        """The MXHost list of a domain in delivery order; PermFail or TempFail if none.
+
+        Preferences ascend and equal ones are shuffled. No MX records means the implicit
+        MX, the domain itself, which must then have an address (RFC 5321 5.1); a null
+        MX (RFC 7505) and NXDOMAIN are permanent failures. With addresses, the first
+        DNS_MAX_MX_HOSTS hosts (those delivery tries) are returned with their A and AAAA
+        addresses, and a domain none of whose hosts has one fails, temporarily if any
+        lookup did. Without, every MX host is returned and none is looked up.
+        """
+        try:
+            name = mail_domain(domain)
+        except ValueError as exc:
+            raise PermFail(str(exc)) from None
+        answer = self.lookup(name, DNS_TYPE_MX)
+        if not answer.exists:
+            raise PermFail("domain %s does not exist (NXDOMAIN)" % name)
+        if any(exchange == "" for _, exchange in answer.records):
+            raise _permanent("domain %s accepts no mail (null MX, RFC 7505)" % name, "5.1.10")
+        if answer.records:
+            hosts = _order_mx_hosts(answer.records)
+            if not hosts:
+                raise _permanent("no MX record of %s names a valid host" % name, "5.4.4")
+            if not addresses:
+                return hosts
+            del hosts[DNS_MAX_MX_HOSTS:]
+        else:
+            hosts = [MXHost(0, name)]
+        known = {}
+        for host_name, address in answer.additional:
+            known.setdefault(host_name, []).append(address)
+        errors = []
+        for host in hosts:
+            host.addresses = known.get(host.host) or self._addresses(host.host, errors)
+        if any(host.addresses for host in hosts):
+            return hosts
+        if errors:
+            raise TempFail("no address found for the mail hosts of %s: %s" % (name, errors[0]))
+        if answer.records:
+            raise _permanent("no MX host of %s has an address record" % name, "5.4.4")
+        raise _permanent("domain %s has no MX and no address record" % name, "5.4.4")
+
+    def _addresses(self, host: str, errors: list) -> list:
+        """The A then AAAA addresses of a host; temporary failures are added to errors."""
+        found = []
+        for qtype in (DNS_TYPE_A, DNS_TYPE_AAAA):
+            try:
+                answer = self.lookup(host, qtype)
+            except TempFail as exc:
+                errors.append(exc)
+                continue
+            if not answer.exists:
+                break
+            found.extend(answer.records)
+        return found
+
+    def lookup(self, name: str, qtype: int) -> _Answer:
+        """The records of one type at a name (A-labels), from the cache while fresh."""
+        key = (name, qtype)
+        with self.lock:
+            entry = self.cache.get(key)
+            if entry is not None:
+                if entry[0] > time.monotonic():
+                    self.cache.move_to_end(key)
+                    return entry[1]
+                del self.cache[key]
+        answer = self._resolve(name, qtype)
+        if answer.ttl > 0:
+            with self.lock:
+                self.cache[key] = (time.monotonic() + answer.ttl, answer)
+                self.cache.move_to_end(key)
+                while len(self.cache) > self.config.dns_cache_size:
+                    self.cache.popitem(last=False)
+        return answer
+
+    def _resolve(self, name: str, qtype: int) -> _Answer:
+        """Ask the nameservers, following CNAMEs from the queried name (bounded)."""
+        target = name
+        ttl = DNS_MAX_TTL
+        cnames = 0
+        while True:
+            asked = target
+            try:
+                encode_name(asked)
+            except ValueError:      # a CNAME to something no query can carry
+                return _Answer((), exists=False)
+            message = self._exchange(asked, qtype)
+            answers = [record for record in message.answers if record.rclass == DNS_CLASS_IN]
+            while True:
+                records = [record for record in answers
+                           if record.name == target and record.rtype == qtype]
+                alias = next((record for record in answers
+                              if record.name == target and record.rtype == DNS_TYPE_CNAME), None)
+                if records or alias is None:
+                    break
+                cnames += 1
+                if cnames > DNS_MAX_CNAMES:
+                    raise TempFail("DNS lookup of %s: CNAME chain too long or looping"
+                                   % _question_text(name, qtype))
+                ttl = min(ttl, alias.ttl)
+                target = alias.data
+            if records:
+                ttl = min([ttl] + [record.ttl for record in records])
+                additional = ()
+                if qtype == DNS_TYPE_MX:
+                    additional = _mx_additional(message, records)
+                    ttl = min([ttl] + [record.ttl for record in additional])
+                return _Answer(tuple(record.data for record in records), ttl=ttl, additional=tuple(
+                    (record.name, record.data) for record in additional))
+            if message.rcode == DNS_NXDOMAIN or target == asked:
+                return _Answer((), exists=message.rcode != DNS_NXDOMAIN,
+                               ttl=min(ttl, _negative_ttl(message)))
+            # The reply ends in a CNAME whose target it does not answer: ask for the target.
+
+    def _exchange(self, name: str, qtype: int) -> DNSMessage:
+        """The first NOERROR or NXDOMAIN reply of the nameservers, each tried in turn.
+
+        SERVFAIL, REFUSED, malformed replies and timeouts move on to the next server;
+        when every attempt at every server failed, TempFail says what each did.
+        """
+        servers, timeout_s, attempts = self.settings()
+        problems = []
+        for _ in range(attempts):
+            for server in servers:
+                try:
+                    message = self._ask(server, name, qtype, timeout_s)
+                except _ServerFailure as exc:
+                    problems.append("%s %s" % (format_addr(server), exc))
+                    continue
+                if message.rcode in (DNS_NOERROR, DNS_NXDOMAIN):
+                    return message
+                problems.append("%s answered %s" % (format_addr(server), DNS_RCODE_NAMES.get(
+                    message.rcode, "rcode %d" % message.rcode)))
+        raise TempFail("DNS lookup of %s failed: %s" % (
+            _question_text(name, qtype), "; ".join(dict.fromkeys(problems))))
+
+    def _ask(self, server: tuple, name: str, qtype: int, timeout_s: float) -> DNSMessage:
+        """One query to one server over UDP, repeated over TCP if the reply is truncated."""
+        query = build_query(name, qtype, secrets.randbits(16))
+        question = ((name, qtype, DNS_CLASS_IN),)
+        log.debug("dns >> %s %s", format_addr(server), _question_text(name, qtype))
+        family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+        deadline = time.monotonic() + timeout_s
+        try:
+            with socket.socket(family, socket.SOCK_DGRAM) as sock:
+                # A connected socket: the kernel drops datagrams from any other address.
+                sock.connect(server)
+                sock.send(query)
+                while True:
+                    sock.settimeout(max(deadline - time.monotonic(), 0.001))
+                    message = _match_reply(sock.recv(DNS_MAX_MESSAGE), query, question)
+                    if message is not None:
+                        break
+            if message.truncated:
+                message = self._ask_tcp(server, query, question, timeout_s)
+        except socket.timeout:
+            raise _ServerFailure("timed out") from None
+        except OSError as exc:
+            raise _ServerFailure("failed: %s" % (exc.strerror or exc.__class__.__name__)) from None
+        log.debug("dns << %s %s %s", format_addr(server), _question_text(name, qtype),
+                  DNS_RCODE_NAMES.get(message.rcode, message.rcode))
+        return message
+
+    def _ask_tcp(self, server: tuple, query: bytes, question: tuple,
+                 timeout_s: float) -> DNSMessage:
+        """Repeat a query over TCP (RFC 7766 5): two-octet length prefix, bounded reads."""
+        deadline = time.monotonic() + timeout_s
+        with socket.create_connection(server, timeout=timeout_s) as sock:
+            sock.sendall(struct.pack("!H", len(query)) + query)
+            length = struct.unpack("!H", _recv_exactly(sock, 2, deadline))[0]
+            message = _match_reply(_recv_exactly(sock, length, deadline), query, question)
+        if message is None or message.truncated:
+            raise _ServerFailure("sent an unusable reply over TCP")
+        return message
+
+    def settings(self) -> tuple:
+        """(nameservers, timeout_s, attempts): Config.dns with glibc's defaults, or else
+        resolv.conf's; Config.dns_timeout and dns_attempts override either."""
+        config = self.config
+        if config.dns:
+            servers = config.dns
+            timeout_s, attempts = RESOLV_DEFAULT_TIMEOUT, RESOLV_DEFAULT_ATTEMPTS
+        else:
+            servers, timeout_s, attempts = self._read_resolv_conf()
+        return (servers, float(timeout_s if config.dns_timeout is None else config.dns_timeout),
+                attempts if config.dns_attempts is None else config.dns_attempts)
+
+    def _read_resolv_conf(self) -> tuple:
+        """resolv.conf's settings, read again only when the file has changed."""
+        try:
+            stamp = os.stat(self.config.resolv_conf).st_mtime_ns
+        except OSError:
+            stamp = None
+        with self.lock:
+            if self.resolv_conf is not None and self.resolv_conf[0] == stamp:
+                return self.resolv_conf[1]
+        settings = read_resolv_conf(self.config.resolv_conf)
+        with self.lock:
+            self.resolv_conf = (stamp, settings)
+        return settings
+
+
+def _permanent(text: str, status: str) -> PermFail:
+    """A PermFail with the enhanced status (RFC 3463) its bounce reports; 5.1.2 without."""
+    error = PermFail(text)
+    error.status = status
+    return error
+
+
+def _question_text(name: str, qtype: int) -> str:
+    return "%s %s" % (name, DNS_TYPE_NAMES.get(qtype, "TYPE%d" % qtype))
+
+
+def _match_reply(data: bytes, query: bytes, question: tuple) -> Optional[DNSMessage]:
+    """The reply to query, or None for a datagram that is not one (RFC 5452 9.1).
+
+    A reply with the query's ID that cannot be decoded fails this server.
+    """
+    if data[:2] != query[:2]:
+        return None
+    try:
+        message = parse_response(data)
+    except DNSFormatError as exc:
+        raise _ServerFailure("sent a malformed reply (%s)" % exc) from None
+    if not message.flags & DNS_FLAG_QR or message.question != question:
+        return None
+    return message
+
+
+def _recv_exactly(sock: socket.socket, count: int, deadline: float) -> bytes:
+    """Read exactly count bytes before the deadline (socket.timeout after it)."""
+    data = b""
+    while len(data) < count:
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise _ServerFailure("closed the TCP connection early")
+        data += chunk
+    return data
+
+
+def _order_mx_hosts(records: tuple) -> list:
+    """MXHosts by ascending preference, equal preferences shuffled (RFC 5321 5.1).
+
+    An exchange that is not a host name is skipped; a host listed twice keeps its
+    lowest preference.
+    """
+    best = {}
+    for preference, exchange in records:
+        try:
+            host = normalize_domain(exchange)
+        except ValueError:
+            log.info("dns skipping MX %s: not a host name", exchange)
+            continue
+        best[host] = min(preference, best.get(host, preference))
+    groups = {}
+    for host, preference in best.items():
+        groups.setdefault(preference, []).append(MXHost(preference, host))
+    hosts = []
+    for preference in sorted(groups):
+        random.shuffle(groups[preference])
+        hosts.extend(groups[preference])
+    return hosts
+
+
+def _mx_additional(message: DNSMessage, mx_records: list) -> list:
+    """A and AAAA records of the additional section that belong to the MX exchanges, A first."""
+    exchanges = {record.data[1] for record in mx_records}
+    found = [record for record in message.additional
+             if record.rtype in (DNS_TYPE_A, DNS_TYPE_AAAA) and record.rclass == DNS_CLASS_IN
+             and record.name in exchanges]
+    return sorted(found, key=lambda record: record.rtype == DNS_TYPE_AAAA)
+
+
+def _negative_ttl(message: DNSMessage) -> int:
+    """How long a NODATA or NXDOMAIN reply may be cached: its SOA's TTL and MINIMUM,
+    and not at all without an SOA (RFC 2308 3 and 5)."""
+    for record in message.authority:
+        if record.rtype == DNS_TYPE_SOA:
+            return min(record.ttl, record.data[6], DNS_MAX_NEGATIVE_TTL)
+    return 0
+
+
+def resolve_mx(domain: str, config: Optional[Config] = None) -> list:
+    """The MX hosts of a domain in delivery order, with a one-off Resolver (see Resolver)."""
+    return Resolver(config or Config()).resolve_mx(domain)
 
 
 # --- Line-protocol base ---------------------------------------------------------
@@ -4212,6 +4810,7 @@ class App:
         self.ids = MessageIds(config.hostname)
         self.relay = Relay(self)
         self.mailbox_locks = MailboxLocks()
+        self.resolver = Resolver(config)
         self.tls_context = None
         self.servers = {}
         self.threads = []
@@ -4408,7 +5007,7 @@ class _HelpFormatter(argparse.HelpFormatter):
 
     def _get_help_string(self, action):
         text = action.help or ""
-        if "default" in text or action.default is argparse.SUPPRESS:
+        if "default" in text or action.default is argparse.SUPPRESS or not action.option_strings:
             return text
         if action.default is False:
             return text + " (default: off)"
@@ -4469,6 +5068,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="concurrent connections per listener")
     add("--timeout", type=_typed(parse_time), default="300s", metavar="TIME",
         help="longest wait for a client's command or data")
+    _add_dns_option(parser)
     add("-q", "--quiet", action="store_true", help="log warnings and errors only")
     add("-v", "--verbose", action="store_true", help="log protocol traffic too")
     return parser
@@ -4487,6 +5087,12 @@ def _parse_credentials(text: str) -> tuple:
     if not sep or not user:
         raise ValueError("bad credentials %r (use USER:PASSWORD)" % text)
     return user, password
+
+
+def _add_dns_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dns", action="append", default=[], type=_typed(parse_nameserver),
+                        metavar="HOST[:PORT]", help="nameserver (an IP address) for MX lookups; "
+                        "repeatable (default: from /etc/resolv.conf)")
 
 
 def _parse_cidr(text: str) -> str:
@@ -4513,7 +5119,7 @@ def config_from_args(args) -> Config:
         catch_all=args.catch_all, tls_cert=args.tls_cert, tls_key=args.tls_key,
         max_size=args.max_size, max_connections=args.max_connections, timeout=args.timeout,
         smarthost=args.smarthost, smarthost_auth=args.smarthost_auth, mx_port=args.mx_port,
-        retry_delay=args.retry_delay, queue_lifetime=args.queue_lifetime)
+        retry_delay=args.retry_delay, queue_lifetime=args.queue_lifetime, dns=tuple(args.dns))
 
 
 def serve(argv: list) -> int:
@@ -4564,7 +5170,33 @@ def list_queue(argv: list) -> int:
     return 0
 
 
-COMMANDS = {"serve": serve, "queue": list_queue}
+def print_mx(argv: list) -> int:
+    """The `mx` command: print a domain's MX hosts in delivery order (SPEC 2)."""
+    parser = _Parser(prog="minimail.py mx", formatter_class=_HelpFormatter,
+                     description="Print the MX hosts of DOMAIN, one PREFERENCE HOST line each, "
+                     "in the order delivery tries them. Exit 0, 1 when the domain takes no mail, "
+                     "%d on a temporary failure." % EXIT_TEMPFAIL)
+    parser.add_argument("domain", metavar="DOMAIN", help="the domain (IDN allowed)")
+    _add_dns_option(parser)
+    args = parser.parse_args(argv)
+    try:
+        mail_domain(args.domain)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    try:
+        hosts = Resolver(Config(dns=tuple(args.dns))).resolve_mx(args.domain, addresses=False)
+    except PermFail as exc:
+        print("minimail: %s" % exc, file=sys.stderr)
+        return 1
+    except TempFail as exc:
+        print("minimail: %s" % exc, file=sys.stderr)
+        return EXIT_TEMPFAIL
+    for host in hosts:
+        print("%d %s" % (host.preference, host.host))
+    return 0
+
+
+COMMANDS = {"serve": serve, "mx": print_mx, "queue": list_queue}
 
 
 def main(argv: Optional[list] = None) -> int:

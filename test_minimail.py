@@ -12,12 +12,14 @@ import logging
 import os
 import poplib
 import re
+import select
 import shutil
 import signal
 import smtplib
 import socket
 import socketserver
 import ssl
+import struct
 import subprocess
 import sys
 import threading
@@ -3164,3 +3166,844 @@ def test_pop3_fetchmail_from_readme(tmp_path, pop):
     assert result.returncode == 0, result.stdout + result.stderr
     assert (tmp_path / "fetched.eml").read_bytes().endswith(b"Subject: fm\n\nhello\n")
     assert box_files(pop, "me@example.test")["cur"] != []      # kept, and marked seen
+
+
+# --- DNS -----------------------------------------------------------------------------
+
+# The fake DNS server's own encoder and decoder (uncompressed names), independent of
+# minimail's wire functions.
+T_A, T_CNAME, T_SOA, T_MX, T_AAAA, T_OPT = 1, 5, 6, 15, 28, 41
+
+
+def wire_name(name):
+    labels = [label for label in name.encode("ascii").split(b".") if label]
+    return b"".join(bytes([len(label)]) + label for label in labels) + b"\0"
+
+
+def rr(name, rtype, rdata, ttl=300):
+    return wire_name(name) + struct.pack("!HHIH", rtype, 1, ttl, len(rdata)) + rdata
+
+
+def mx_rr(name, preference, exchange, ttl=300):
+    return rr(name, T_MX, struct.pack("!H", preference) + wire_name(exchange), ttl)
+
+
+def a_rr(name, address, ttl=300):
+    family, rtype = (socket.AF_INET6, T_AAAA) if ":" in address else (socket.AF_INET, T_A)
+    return rr(name, rtype, socket.inet_pton(family, address), ttl)
+
+
+def cname_rr(name, target, ttl=300):
+    return rr(name, T_CNAME, wire_name(target), ttl)
+
+
+def soa_rr(zone, ttl=60, minimum=60):
+    rdata = wire_name("ns." + zone) + wire_name("admin." + zone) + struct.pack(
+        "!5I", 1, 3600, 600, 86400, minimum)
+    return rr(zone, T_SOA, rdata, ttl)
+
+
+def name_and_type(data, offset):
+    """The uncompressed name at offset (case kept) and the type after it."""
+    labels = []
+    while data[offset]:
+        labels.append(data[offset + 1:offset + 1 + data[offset]].decode("ascii"))
+        offset += 1 + data[offset]
+    return ".".join(labels), struct.unpack_from("!H", data, offset + 1)[0]
+
+
+def record_key(record):
+    """(lowercase name, type) of an encoded record."""
+    name, rtype = name_and_type(record, 0)
+    return name.lower(), rtype
+
+
+@dataclasses.dataclass
+class Query:
+    id: int
+    name: str               # as sent (case kept)
+    qtype: int
+    client: tuple
+    transport: str          # "udp" or "tcp"
+
+
+def parse_query(data, client=None, transport="udp"):
+    return Query(struct.unpack_from("!H", data)[0], *name_and_type(data, 12), client, transport)
+
+
+def dns_reply(query, answers=(), authority=(), additional=(), rcode=0, tc=False, qid=None,
+              question=None, flags=0x8180):
+    """A response to query (QR RD RA set by default), echoing its question unless told."""
+    name, qtype = question or (query.name, query.qtype)
+    header = struct.pack("!6H", query.id if qid is None else qid,
+                         flags | rcode | (0x0200 if tc else 0),
+                         1, len(answers), len(authority), len(additional))
+    return (header + wire_name(name) + struct.pack("!HH", qtype, 1)
+            + b"".join(answers) + b"".join(authority) + b"".join(additional))
+
+
+def recv_exactly(sock, count):
+    data = b""
+    while len(data) < count:
+        chunk = sock.recv(count - len(data))
+        if not chunk:
+            raise ConnectionError("closed")
+        data += chunk
+    return data
+
+
+class FakeDNS:
+    """A DNS server on a loopback port 0, UDP and TCP on the same port.
+
+    It answers from `records` (NXDOMAIN or NODATA with `soa` in the authority section
+    otherwise), unless `handler` is set: handler(query) returns the messages to send,
+    none for silence. TCP messages get their length prefix unless `frame_tcp` is off.
+    """
+
+    def __init__(self, host="127.0.0.1"):
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        for _ in range(50):         # the same port number for UDP and TCP
+            self.udp = socket.socket(family, socket.SOCK_DGRAM)
+            self.udp.bind((host, 0))
+            self.tcp = socket.socket(family, socket.SOCK_STREAM)
+            try:
+                self.tcp.bind((host, self.udp.getsockname()[1]))
+                break
+            except OSError:
+                self.udp.close()
+                self.tcp.close()
+        self.tcp.listen(8)
+        self.udp.settimeout(5)          # select() says when they are ready; never a long wait
+        self.tcp.settimeout(5)
+        self.address = (host, self.udp.getsockname()[1])
+        self.records = []
+        self.soa = soa_rr("test")
+        self.handler = None
+        self.frame_tcp = True
+        self.queries = []
+        self.errors = []
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self.serve)
+        self.thread.start()
+
+    def add(self, *records):
+        self.records.extend(records)
+
+    def asked(self, transport=None):
+        """(name, type) of every query so far, optionally of one transport."""
+        return [(query.name.lower(), query.qtype) for query in self.queries
+                if transport in (None, query.transport)]
+
+    def answer(self, query):
+        name = query.name.lower()
+        here = [(record_key(record)[1], record) for record in self.records
+                if record_key(record)[0] == name]
+        if not here:
+            return [dns_reply(query, authority=[self.soa] if self.soa else [], rcode=3)]
+        found = [record for rtype, record in here if rtype == query.qtype] or \
+                [record for rtype, record in here if rtype == T_CNAME]
+        return [dns_reply(query, found, authority=[] if found or not self.soa else [self.soa])]
+
+    def serve(self):
+        while not self.stopping.is_set():
+            readable = select.select([self.udp, self.tcp], [], [], 0.05)[0]
+            try:
+                if self.udp in readable:
+                    data, client = self.udp.recvfrom(65535)
+                    for out in self.respond(parse_query(data, client, "udp")):
+                        self.udp.sendto(out, client)
+                if self.tcp in readable:
+                    self.serve_tcp()
+            except Exception as exc:            # reported at teardown
+                self.errors.append(exc)
+
+    def serve_tcp(self):
+        conn, client = self.tcp.accept()
+        with conn:
+            conn.settimeout(5)
+            length = struct.unpack("!H", recv_exactly(conn, 2))[0]
+            query = parse_query(recv_exactly(conn, length), client, "tcp")
+            for out in self.respond(query):
+                conn.sendall(struct.pack("!H", len(out)) + out if self.frame_tcp else out)
+
+    def respond(self, query):
+        self.queries.append(query)
+        return (self.handler or self.answer)(query)
+
+    def stop(self):
+        self.stopping.set()
+        self.thread.join(5)
+        self.udp.close()
+        self.tcp.close()
+
+
+@pytest.fixture
+def make_dns():
+    servers = []
+
+    def start(host="127.0.0.1"):
+        server = FakeDNS(host)
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.stop()
+    assert not [error for server in servers for error in server.errors]
+
+
+@pytest.fixture
+def fake_dns(make_dns):
+    return make_dns()
+
+
+def resolver_for(*servers, **overrides):
+    """A Resolver asking the given FakeDNS servers (or (host, port) pairs) and nothing else."""
+    fields = dict(dns=tuple(getattr(server, "address", server) for server in servers),
+                  dns_timeout=2.0, dns_attempts=1, resolv_conf="/nonexistent/resolv.conf")
+    fields.update(overrides)
+    return minimail.Resolver(minimail.Config(**fields))
+
+
+def hosts_of(hosts):
+    return [(host.preference, host.host, host.addresses) for host in hosts]
+
+
+def standard_zone(server):
+    """example.test: MX 10 mx1 (IPv4 and IPv6), 20 mx2 (IPv4); plain.test: only an address."""
+    server.add(mx_rr("example.test", 20, "mx2.example.test"),
+               mx_rr("example.test", 10, "mx1.example.test"),
+               a_rr("mx1.example.test", "192.0.2.1"), a_rr("mx1.example.test", "2001:db8:0:0::1"),
+               a_rr("mx2.example.test", "192.0.2.2"), a_rr("plain.test", "192.0.2.9"))
+
+
+# The wire format.
+
+def test_dns_build_query_wire_format():
+    data = minimail.build_query("xn--bcher-kva.example", T_MX, 0x1234)
+    query = parse_query(data)
+    flags, qdcount, ancount, nscount, arcount = struct.unpack_from("!5H", data, 2)
+    assert (query.id, query.name, query.qtype) == (0x1234, "xn--bcher-kva.example", T_MX)
+    assert flags == 0x0100 and (qdcount, ancount, nscount, arcount) == (1, 0, 0, 1)
+    # RFC 6891 6.1.2: OPT at the root, CLASS is the UDP payload size.
+    assert data.endswith(wire_name("xn--bcher-kva.example") + struct.pack("!HH", T_MX, 1)
+                         + b"\0" + struct.pack("!HHIH", T_OPT, 1232, 0, 0))
+
+
+@pytest.mark.parametrize("name", ["a..b", "x" * 64 + ".test", ".".join(["x" * 60] * 5)])
+def test_dns_build_query_refuses_impossible_names(name):
+    with pytest.raises(ValueError):
+        minimail.build_query(name, T_A, 1)
+
+
+def test_dns_parse_response_follows_compression_and_lowercases():
+    header = struct.pack("!6H", 7, 0x8180, 1, 2, 0, 0)
+    question = wire_name("Example.TEST") + struct.pack("!HH", T_MX, 1)
+    rdata = struct.pack("!H", 10) + b"\x03MX1\xc0\x0c"                 # mx1 + pointer to 12
+    answers = (b"\xc0\x0c" + struct.pack("!HHIH", T_MX, 1, 300, len(rdata)) + rdata
+               + b"\xc0\x0c" + struct.pack("!HHIH", 99, 1, 0x80000000, 2) + b"ab")
+    message = minimail.parse_response(header + question + answers)
+    assert message.id == 7 and message.rcode == 0 and not message.truncated
+    assert message.question == (("example.test", T_MX, 1),)
+    mx, other = message.answers
+    assert (mx.name, mx.rtype, mx.ttl) == ("example.test", T_MX, 300)
+    assert mx.data == (10, "mx1.example.test")
+    assert other.data == b"ab" and other.ttl == 0       # RFC 2181 8: top bit set means 0
+
+
+def test_dns_parse_response_escapes_odd_labels():
+    """RFC 1035 5.1: a dot, backslash or unprintable octet inside a label is written \\DDD."""
+    data = struct.pack("!6H", 1, 0x8180, 1, 0, 0, 0) + b"\x03a.b\x04X y\\\x03COM\x00\x00\x01\x00\x01"
+    assert minimail.parse_response(data).question == (("a\\046b.x\\032y\\092.com", T_A, 1),)
+
+
+def test_dns_addresses_print_alike_on_every_python():
+    reply = dns_reply(parse_query(minimail.build_query("h.test", T_AAAA, 3)),
+                      [a_rr("h.test", "::ffff:192.0.2.1"), a_rr("h.test", "2001:DB8:0::1")])
+    assert [record.data for record in minimail.parse_response(reply).answers] == [
+        "::ffff:192.0.2.1", "2001:db8::1"]
+
+
+def test_dns_parse_truncated_response_keeps_header_and_question():
+    data = dns_reply(parse_query(minimail.build_query("example.test", T_MX, 9)), tc=True)
+    data = data[:4] + struct.pack("!H", 1) + struct.pack("!H", 5) + data[8:]   # 5 answers, none sent
+    message = minimail.parse_response(data)
+    assert message.truncated and message.answers == () and message.question[0][0] == "example.test"
+
+
+def _header(qd=1, an=0, ns=0, ar=0, qid=0):
+    return struct.pack("!6H", qid, 0x8180, qd, an, ns, ar)
+
+
+_QUESTION = wire_name("example.test") + struct.pack("!HH", T_MX, 1)
+MALFORMED = {
+    "short header": b"\x00\x00\x81\x80\x00\x01",
+    "question past the end": _header() + b"\x07example",
+    "question type cut": _header() + wire_name("example.test") + b"\x00",
+    "pointer to itself": _header() + b"\xc0\x0c" + struct.pack("!HH", T_MX, 1),
+    "pointer loop through a label": _header() + b"\x01a\xc0\x0c" + struct.pack("!HH", T_MX, 1),
+    "forward pointer": _header() + b"\xc0\x12" + struct.pack("!HH", T_MX, 1) + wire_name("x"),
+    "pointer past the end": _header() + b"\xc0",
+    "label over 63": _header() + b"\x40" + b"a" * 64 + b"\0" + struct.pack("!HH", T_MX, 1),
+    "extended label type": _header() + b"\x81a\0" + struct.pack("!HH", T_MX, 1),
+    "name over 255": _header() + b"".join(b"\x3f" + b"a" * 63 for _ in range(4)) + b"\0"
+                     + struct.pack("!HH", T_MX, 1),
+    "record cut": _header(an=1) + _QUESTION + b"\xc0\x0c\x00\x0f\x00",
+    "rdlength past the end": _header(an=1) + _QUESTION + b"\xc0\x0c"
+                             + struct.pack("!HHIH", T_A, 1, 60, 100) + b"\x01\x02\x03\x04",
+    "TXT rdlength past the end": _header(an=1) + _QUESTION + b"\xc0\x0c"
+                                 + struct.pack("!HHIH", 16, 1, 60, 100) + b"\x03abc",
+    "A of 5 octets": _header(an=1) + _QUESTION + b"\xc0\x0c"
+                     + struct.pack("!HHIH", T_A, 1, 60, 5) + b"\x01\x02\x03\x04\x05",
+    "MX name past rdlength": _header(an=1) + _QUESTION + b"\xc0\x0c"
+                             + struct.pack("!HHIH", T_MX, 1, 60, 4) + b"\x00\x0a"
+                             + wire_name("mx1.test"),
+    "MX too short": _header(an=1) + _QUESTION + b"\xc0\x0c"
+                    + struct.pack("!HHIH", T_MX, 1, 60, 1) + b"\x00",
+    "SOA too short": _header(ns=1) + _QUESTION + b"\xc0\x0c"
+                     + struct.pack("!HHIH", T_SOA, 1, 60, 4) + b"\x00\x00\x00\x00",
+    "fewer records than counted": _header(an=2) + _QUESTION + mx_rr("example.test", 10, "mx.test"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_dns_parse_response_rejects_malformed(case):
+    with pytest.raises(minimail.DNSFormatError):
+        minimail.parse_response(MALFORMED[case])
+
+
+@pytest.mark.parametrize("case", sorted(MALFORMED))
+def test_dns_malformed_reply_is_a_quick_temporary_failure(fake_dns, case):
+    fake_dns.handler = lambda query: [struct.pack("!H", query.id) + MALFORMED[case][2:]]
+    started = time.monotonic()
+    with pytest.raises(minimail.TempFail, match="malformed"):
+        resolver_for(fake_dns, dns_timeout=5.0).resolve_mx("example.test")
+    assert time.monotonic() - started < 2.5
+
+
+# Delivery semantics (RFC 5321 5.1, RFC 7505, SPEC 6).
+
+def test_dns_mx_hosts_with_addresses(fake_dns):
+    standard_zone(fake_dns)
+    hosts = resolver_for(fake_dns).resolve_mx("Example.TEST.")
+    assert hosts_of(hosts) == [(10, "mx1.example.test", ["192.0.2.1", "2001:db8::1"]),
+                               (20, "mx2.example.test", ["192.0.2.2"])]
+    assert fake_dns.asked() == [("example.test", T_MX), ("mx1.example.test", T_A),
+                                ("mx1.example.test", T_AAAA), ("mx2.example.test", T_A),
+                                ("mx2.example.test", T_AAAA)]
+
+
+def test_dns_mx_sorted_by_preference_equal_ones_shuffled(fake_dns):
+    fake_dns.add(mx_rr("example.test", 20, "z.test"), mx_rr("example.test", 10, "a.test"),
+                 mx_rr("example.test", 10, "b.test"), mx_rr("example.test", 10, "c.test"),
+                 mx_rr("example.test", 5, "first.test"))
+    resolver = resolver_for(fake_dns)
+    orders = set()
+    for _ in range(60):
+        hosts = resolver.resolve_mx("example.test", addresses=False)
+        assert [host.preference for host in hosts] == [5, 10, 10, 10, 20]
+        assert hosts[0].host == "first.test" and hosts[-1].host == "z.test"
+        orders.add(tuple(host.host for host in hosts[1:4]))
+    assert len(orders) > 1
+    assert all(sorted(order) == ["a.test", "b.test", "c.test"] for order in orders)
+    assert fake_dns.asked() == [("example.test", T_MX)]         # shuffled after the cache
+
+
+def test_dns_implicit_mx_is_the_domain_itself(fake_dns):
+    standard_zone(fake_dns)
+    hosts = resolver_for(fake_dns).resolve_mx("plain.test")
+    assert hosts_of(hosts) == [(0, "plain.test", ["192.0.2.9"])]
+
+
+def test_dns_null_mx_is_permanent(fake_dns):
+    fake_dns.add(mx_rr("example.test", 0, ""), a_rr("example.test", "192.0.2.1"))
+    with pytest.raises(minimail.PermFail, match="null MX") as failure:
+        resolver_for(fake_dns).resolve_mx("example.test")
+    assert failure.value.status == "5.1.10"                 # RFC 7505 4.2
+
+
+def test_dns_nxdomain_is_permanent(fake_dns):
+    with pytest.raises(minimail.PermFail, match="NXDOMAIN"):
+        resolver_for(fake_dns).resolve_mx("nowhere.test")
+
+
+def test_dns_nodata_without_address_is_permanent(fake_dns):
+    fake_dns.add(rr("empty.test", 16, b"\x02hi"))          # only a TXT record
+    with pytest.raises(minimail.PermFail, match="no MX and no address"):
+        resolver_for(fake_dns).resolve_mx("empty.test")
+
+
+@pytest.mark.parametrize("rcode, name", [(2, "SERVFAIL"), (5, "REFUSED"), (4, "NOTIMP")])
+def test_dns_server_errors_are_temporary(fake_dns, rcode, name):
+    fake_dns.handler = lambda query: [dns_reply(query, rcode=rcode)]
+    with pytest.raises(minimail.TempFail, match=name):
+        resolver_for(fake_dns).resolve_mx("example.test")
+
+
+def test_dns_servfail_then_next_server(make_dns):
+    failing, good = make_dns(), make_dns()
+    failing.handler = lambda query: [dns_reply(query, rcode=2)]
+    standard_zone(good)
+    hosts = resolver_for(failing, good).resolve_mx("example.test")
+    assert [host.host for host in hosts] == ["mx1.example.test", "mx2.example.test"]
+    assert failing.asked()[0] == ("example.test", T_MX)
+
+
+def test_dns_timeout_then_next_server(make_dns):
+    silent, good = make_dns(), make_dns()
+    silent.handler = lambda query: []
+    standard_zone(good)
+    started = time.monotonic()
+    hosts = resolver_for(silent, good, dns_timeout=0.3).resolve_mx("example.test", addresses=False)
+    assert [host.host for host in hosts] == ["mx1.example.test", "mx2.example.test"]
+    assert silent.asked() == [("example.test", T_MX)] and time.monotonic() - started >= 0.3
+
+
+def test_dns_timeout_everywhere_is_temporary_and_bounded(make_dns):
+    first, second = make_dns(), make_dns()
+    first.handler = second.handler = lambda query: []
+    started = time.monotonic()
+    with pytest.raises(minimail.TempFail, match="timed out"):
+        resolver_for(first, second, dns_timeout=0.2, dns_attempts=2).resolve_mx("example.test")
+    assert 0.8 <= time.monotonic() - started < 3
+    assert len(first.queries) == len(second.queries) == 2      # attempts: rounds over servers
+
+
+def test_dns_unreachable_server_fails_over_at_once(fake_dns):
+    standard_zone(fake_dns)
+    closed = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    closed.settimeout(5)
+    closed.bind(("127.0.0.1", 0))
+    address = closed.getsockname()
+    closed.close()                  # nothing listens there: ICMP port unreachable
+    started = time.monotonic()
+    hosts = resolver_for(address, fake_dns, dns_timeout=5.0).resolve_mx("example.test")
+    assert hosts[0].host == "mx1.example.test" and time.monotonic() - started < 2.5
+
+
+def test_dns_truncated_reply_retried_over_tcp(fake_dns):
+    standard_zone(fake_dns)
+
+    def handler(query):
+        if query.transport == "udp" and query.qtype == T_MX:
+            return [dns_reply(query, [mx_rr("example.test", 99, "partial.test")], tc=True)]
+        return fake_dns.answer(query)
+
+    fake_dns.handler = handler
+    hosts = resolver_for(fake_dns).resolve_mx("example.test")
+    assert [host.host for host in hosts] == ["mx1.example.test", "mx2.example.test"]
+    assert fake_dns.asked("tcp") == [("example.test", T_MX)]
+
+
+@pytest.mark.parametrize("tcp_reply", [
+    struct.pack("!H", 1000) + b"\x00" * 10,          # shorter than its length prefix, then closed
+    b"\x01",                                         # half a length prefix
+])
+def test_dns_bad_tcp_reply_is_temporary(fake_dns, tcp_reply):
+    def handler(query):
+        if query.transport == "udp":
+            return [dns_reply(query, tc=True)]
+        return [tcp_reply]
+
+    fake_dns.handler = handler
+    fake_dns.frame_tcp = False
+    with pytest.raises(minimail.TempFail, match="TCP"):
+        resolver_for(fake_dns).resolve_mx("example.test")
+
+
+def test_dns_silent_tcp_server_times_out(fake_dns):
+    release = threading.Event()
+
+    def handler(query):
+        if query.transport == "udp":
+            return [dns_reply(query, tc=True)]
+        release.wait(5)              # hold the connection open without answering
+        return []
+
+    fake_dns.handler = handler
+    started = time.monotonic()
+    try:
+        with pytest.raises(minimail.TempFail, match="timed out"):
+            resolver_for(fake_dns, dns_timeout=0.3).resolve_mx("example.test")
+    finally:
+        release.set()
+    assert time.monotonic() - started < 2
+
+
+def test_dns_cname_followed_within_the_answer(fake_dns):
+    fake_dns.handler = lambda query: [dns_reply(query, [
+        cname_rr("alias.test", "real.test"), mx_rr("real.test", 10, "mx.real.test")])]
+    hosts = resolver_for(fake_dns).resolve_mx("alias.test", addresses=False)
+    assert hosts_of(hosts) == [(10, "mx.real.test", [])]
+    assert fake_dns.asked() == [("alias.test", T_MX)]
+
+
+def test_dns_cname_target_asked_when_not_answered(fake_dns):
+    fake_dns.add(cname_rr("alias.test", "real.test"), mx_rr("real.test", 10, "mx.real.test"),
+                 cname_rr("mx.real.test", "host.real.test"), a_rr("host.real.test", "192.0.2.7"))
+    hosts = resolver_for(fake_dns).resolve_mx("alias.test")
+    assert hosts_of(hosts) == [(10, "mx.real.test", ["192.0.2.7"])]
+    assert fake_dns.asked()[:2] == [("alias.test", T_MX), ("real.test", T_MX)]
+
+
+def test_dns_cname_loop_is_bounded(fake_dns):
+    fake_dns.add(cname_rr("a.test", "b.test"), cname_rr("b.test", "a.test"))
+    with pytest.raises(minimail.TempFail, match="CNAME"):
+        resolver_for(fake_dns).resolve_mx("a.test")
+    assert len(fake_dns.queries) <= 10
+
+
+def test_dns_idn_goes_out_as_punycode(fake_dns):
+    fake_dns.add(mx_rr("xn--bcher-kva.example", 10, "MX.XN--BCHER-KVA.Example"))
+    hosts = resolver_for(fake_dns).resolve_mx("Bücher.example", addresses=False)
+    assert hosts_of(hosts) == [(10, "mx.xn--bcher-kva.example", [])]
+    assert fake_dns.queries[0].name == "xn--bcher-kva.example"
+
+
+def test_dns_names_compare_case_insensitively(fake_dns):
+    fake_dns.handler = lambda query: [dns_reply(
+        query, [mx_rr("EXAMPLE.test", 10, "Mx1.Example.Test")], question=("ExAmPlE.TeSt", T_MX))]
+    hosts = resolver_for(fake_dns).resolve_mx("example.test", addresses=False)
+    assert [host.host for host in hosts] == ["mx1.example.test"]
+
+
+def test_dns_bad_exchange_names_are_skipped(fake_dns):
+    fake_dns.add(mx_rr("example.test", 5, "bad_name.test"), mx_rr("example.test", 10, "good.test"))
+    hosts = resolver_for(fake_dns).resolve_mx("example.test", addresses=False)
+    assert [host.host for host in hosts] == ["good.test"]
+
+
+def test_dns_host_without_address_kept_with_empty_list(fake_dns):
+    fake_dns.add(mx_rr("example.test", 10, "gone.test"), mx_rr("example.test", 20, "mx.test"),
+                 a_rr("mx.test", "192.0.2.5"))
+    hosts = resolver_for(fake_dns).resolve_mx("example.test")
+    assert hosts_of(hosts) == [(10, "gone.test", []), (20, "mx.test", ["192.0.2.5"])]
+    assert ("gone.test", T_AAAA) not in fake_dns.asked()        # no AAAA after NXDOMAIN for A
+
+
+def test_dns_no_host_with_an_address_fails(fake_dns):
+    """RFC 5321 5.1: MX records none of which is usable are an error."""
+    fake_dns.add(mx_rr("example.test", 10, "gone.test"), mx_rr("broken.test", 10, "flaky.test"),
+                 rr("nomx.test", 16, b"\x02hi"))
+    resolver = resolver_for(fake_dns, dns_timeout=0.2)
+    with pytest.raises(minimail.PermFail, match="no MX host") as failure:
+        resolver.resolve_mx("example.test")
+    assert failure.value.status == "5.4.4"                  # RFC 3463: unable to route
+    fake_dns.handler = lambda query: (fake_dns.answer(query) if query.qtype == T_MX
+                                      else [dns_reply(query, rcode=2)])
+    with pytest.raises(minimail.TempFail, match="SERVFAIL"):
+        resolver.resolve_mx("broken.test")
+    with pytest.raises(minimail.TempFail, match="SERVFAIL"):     # an implicit MX alike
+        resolver.resolve_mx("nomx.test")
+
+
+def test_dns_delivery_resolves_ten_mx_hosts_at_most(fake_dns):
+    for number in range(15):
+        fake_dns.add(mx_rr("many.test", number, "mx%d.test" % number),
+                     a_rr("mx%d.test" % number, "192.0.2.%d" % number))
+    resolver = resolver_for(fake_dns)
+    assert len(resolver.resolve_mx("many.test", addresses=False)) == 15
+    hosts = resolver.resolve_mx("many.test")
+    assert hosts_of(hosts) == [(number, "mx%d.test" % number, ["192.0.2.%d" % number])
+                               for number in range(10)]
+    assert len(fake_dns.queries) == 1 + 2 * 10
+
+
+def test_dns_additional_addresses_only_for_exchanges(fake_dns):
+    standard_zone(fake_dns)
+
+    def handler(query):
+        if query.qtype != T_MX:
+            return fake_dns.answer(query)
+        return [dns_reply(query, [mx_rr("example.test", 10, "mx1.example.test"),
+                                  mx_rr("example.test", 20, "mx2.example.test")],
+                          additional=[a_rr("mx1.example.test", "2001:db8::99"),
+                                      a_rr("MX1.example.test", "192.0.2.99"),
+                                      a_rr("evil.test", "203.0.113.1"),
+                                      a_rr("mx2.example.test.evil.test", "203.0.113.2")])]
+
+    fake_dns.handler = handler
+    hosts = resolver_for(fake_dns).resolve_mx("example.test")
+    assert hosts_of(hosts) == [(10, "mx1.example.test", ["192.0.2.99", "2001:db8::99"]),
+                               (20, "mx2.example.test", ["192.0.2.2"])]
+    assert ("mx1.example.test", T_A) not in fake_dns.asked()
+    assert ("mx2.example.test", T_A) in fake_dns.asked()
+
+
+def test_dns_ipv6_nameserver(make_dns):
+    try:
+        server = make_dns("::1")
+    except OSError:
+        pytest.skip("no IPv6 loopback")
+    standard_zone(server)
+    hosts = resolver_for(server).resolve_mx("example.test")
+    assert hosts[0].addresses == ["192.0.2.1", "2001:db8::1"]
+
+
+# Anti-spoofing (RFC 5452 9).
+
+def _other_source(query, data):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(5)
+        sock.sendto(data, query.client)
+
+
+SPOOFS = {
+    "wrong id": lambda query, answer: dns_reply(query, answer, qid=query.id ^ 0x5555),
+    "wrong name": lambda query, answer: dns_reply(query, answer, question=("evil.test", query.qtype)),
+    "wrong type": lambda query, answer: dns_reply(query, answer, question=(query.name, T_A)),
+    "not a response": lambda query, answer: dns_reply(query, answer, flags=0x0100),
+    "wrong source": lambda query, answer: _other_source(query, dns_reply(query, answer)),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SPOOFS))
+def test_dns_spoofed_replies_ignored(fake_dns, kind):
+    evil = [mx_rr("example.test", 1, "evil.test")]
+    real = [mx_rr("example.test", 10, "mx.example.test")]
+
+    def handler(query):
+        spoof = SPOOFS[kind](query, evil)
+        return [spoof] * 3 + [dns_reply(query, real)] if spoof else [dns_reply(query, real)]
+
+    fake_dns.handler = handler
+    hosts = resolver_for(fake_dns).resolve_mx("example.test", addresses=False)
+    assert [host.host for host in hosts] == ["mx.example.test"]
+    fake_dns.handler = lambda query: [spoof for spoof in [SPOOFS[kind](query, evil)] if spoof]
+    with pytest.raises(minimail.TempFail, match="timed out"):
+        resolver_for(fake_dns, dns_timeout=0.2).resolve_mx("other.test", addresses=False)
+
+
+def test_dns_query_ids_and_source_ports_vary(fake_dns):
+    fake_dns.add(*[a_rr("h%d.test" % number, "192.0.2.%d" % number) for number in range(10)])
+    resolver = resolver_for(fake_dns)
+    for number in range(10):
+        assert resolver.lookup("h%d.test" % number, T_A).records == ("192.0.2.%d" % number,)
+    assert len({query.id for query in fake_dns.queries}) >= 9
+    assert len({query.client[1] for query in fake_dns.queries}) >= 9
+
+
+# The cache (TTL, RFC 2308 negative caching, bounded size, threads).
+
+def test_dns_cache_answers_repeated_lookups(fake_dns):
+    standard_zone(fake_dns)
+    resolver = resolver_for(fake_dns)
+    first = hosts_of(resolver.resolve_mx("example.test"))
+    count = len(fake_dns.queries)
+    assert hosts_of(resolver.resolve_mx("example.test")) == first
+    assert len(fake_dns.queries) == count
+
+
+def test_dns_cache_honours_ttl(fake_dns):
+    fake_dns.add(mx_rr("zero.test", 10, "mx.zero.test", ttl=0),
+                 mx_rr("short.test", 10, "mx.test", ttl=1))
+    resolver = resolver_for(fake_dns)
+    for _ in range(2):
+        resolver.resolve_mx("zero.test", addresses=False)
+    assert fake_dns.asked().count(("zero.test", T_MX)) == 2     # TTL 0: never cached
+    resolver.resolve_mx("short.test", addresses=False)
+    resolver.resolve_mx("short.test", addresses=False)
+    assert fake_dns.asked().count(("short.test", T_MX)) == 1
+    assert wait_for(lambda: resolver.resolve_mx("short.test", addresses=False)
+                    and fake_dns.asked().count(("short.test", T_MX)) == 2, timeout=5)
+
+
+def test_dns_negative_answers_cached_by_soa(fake_dns):
+    """RFC 2308 5: negative answers are cached for the SOA's TTL, and not without an SOA."""
+    fake_dns.add(a_rr("plain.test", "192.0.2.9"))
+    resolver = resolver_for(fake_dns)
+    for _ in range(2):
+        with pytest.raises(minimail.PermFail):
+            resolver.resolve_mx("nowhere.test")
+        resolver.resolve_mx("plain.test")                   # NODATA for MX and AAAA
+    assert fake_dns.asked().count(("nowhere.test", T_MX)) == 1
+    assert fake_dns.asked().count(("plain.test", T_MX)) == 1
+    assert fake_dns.asked().count(("plain.test", T_AAAA)) == 1
+    fake_dns.soa = None
+    for _ in range(2):
+        with pytest.raises(minimail.PermFail):
+            resolver.resolve_mx("gone.test")
+    assert fake_dns.asked().count(("gone.test", T_MX)) == 2
+
+
+def test_dns_cache_is_bounded(fake_dns):
+    fake_dns.add(*[a_rr("h%d.test" % number, "192.0.2.%d" % number) for number in range(3)])
+    resolver = resolver_for(fake_dns, dns_cache_size=2)
+    for number in (0, 1, 2, 2, 1):
+        resolver.lookup("h%d.test" % number, T_A)
+    assert len(resolver.cache) == 2
+    assert [name for name, _ in fake_dns.asked()] == ["h0.test", "h1.test", "h2.test"]
+    resolver.lookup("h0.test", T_A)                          # evicted: asked again
+    assert len(fake_dns.queries) == 4 and len(resolver.cache) == 2
+
+
+def test_dns_resolver_shared_by_threads(fake_dns):
+    standard_zone(fake_dns)
+    fake_dns.add(*[mx_rr("d%d.test" % number, 10, "mx1.example.test") for number in range(8)])
+    resolver = resolver_for(fake_dns)
+    results = {}
+
+    def resolve(number):
+        results[number] = hosts_of(resolver.resolve_mx("d%d.test" % number))
+
+    threads = [threading.Thread(target=resolve, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert results == {number: [(10, "mx1.example.test", ["192.0.2.1", "2001:db8::1"])]
+                       for number in range(8)}
+
+
+# Configuration: resolv.conf, --dns.
+
+def test_dns_resolv_conf_parsing(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("# comment\n; comment\nsearch example.test\nnameserver not-an-ip\n"
+                    "nameserver 192.0.2.53\nnameserver 2001:db8::53\nnameserver fe80::1%lo\n"
+                    "nameserver 192.0.2.54\noptions ndots:2 timeout:3 attempts:4\n")
+    assert minimail.read_resolv_conf(str(path)) == (
+        (("192.0.2.53", 53), ("2001:db8::53", 53), ("fe80::1%lo", 53)), 3.0, 4)
+    path.write_text("options timeout:99 attempts:9\n")         # glibc's caps; no server: local
+    assert minimail.read_resolv_conf(str(path)) == ((("127.0.0.1", 53),), 30.0, 5)
+    assert minimail.read_resolv_conf(str(tmp_path / "missing")) == ((("127.0.0.1", 53),), 5.0, 2)
+
+
+def test_dns_settings_from_config_or_resolv_conf(tmp_path):
+    path = tmp_path / "resolv.conf"
+    path.write_text("nameserver 192.0.2.53\noptions timeout:3 attempts:4\n")
+    config = minimail.Config(resolv_conf=str(path))
+    resolver = minimail.Resolver(config)
+    assert resolver.settings() == ((("192.0.2.53", 53),), 3.0, 4)
+    path.write_text("nameserver 192.0.2.99\n")
+    os.utime(str(path), ns=(1, 1))                            # a changed file is read again
+    assert resolver.settings() == ((("192.0.2.99", 53),), 5.0, 2)
+    resolver = minimail.Resolver(dataclasses.replace(config, dns_timeout=0.5, dns_attempts=1))
+    assert resolver.settings() == ((("192.0.2.99", 53),), 0.5, 1)
+    resolver = minimail.Resolver(dataclasses.replace(config, dns=(("192.0.2.1", 5353),)))
+    assert resolver.settings() == ((("192.0.2.1", 5353),), 5.0, 2)
+
+
+@pytest.mark.parametrize("text, server", [
+    ("192.0.2.1", ("192.0.2.1", 53)), ("192.0.2.1:5353", ("192.0.2.1", 5353)),
+    ("[2001:db8::1]:5353", ("2001:db8::1", 5353)), ("[::1]", ("::1", 53)), ("::1", ("::1", 53)),
+    ("2001:db8::1", ("2001:db8::1", 53))])
+def test_dns_parse_nameserver(text, server):
+    assert minimail.parse_nameserver(text) == server
+
+
+@pytest.mark.parametrize("text", ["", "ns.example.test", "192.0.2.1:0", "192.0.2.1:x", "[::1",
+                                  "[::1]:99999", "off", "192.0.2.1:53:53x"])
+def test_dns_parse_nameserver_rejects(text):
+    with pytest.raises(ValueError):
+        minimail.parse_nameserver(text)
+
+
+def test_dns_option_of_serve(tmp_path):
+    args = minimail.build_parser().parse_args(["--dns", "192.0.2.1", "--dns", "[::1]:5353"])
+    config = minimail.config_from_args(args)
+    assert config.dns == (("192.0.2.1", 53), ("::1", 5353))
+    assert minimail.App(config).resolver.settings()[0] == config.dns
+    result = run_cli("--help")
+    assert "--dns HOST[:PORT]" in result.stdout and "/etc/resolv.conf" in result.stdout
+
+
+def test_dns_module_level_resolve_mx(fake_dns):
+    standard_zone(fake_dns)
+    config = minimail.Config(dns=(fake_dns.address,), dns_timeout=2.0, dns_attempts=1)
+    assert hosts_of(minimail.resolve_mx("example.test", config))[1] == (
+        20, "mx2.example.test", ["192.0.2.2"])
+
+
+# The mx command (SPEC 2).
+
+def run_mx(server, *args):
+    return run_cli("mx", *args, "--dns", "%s:%d" % server.address)
+
+
+def test_dns_mx_command_prints_delivery_order(fake_dns):
+    standard_zone(fake_dns)
+    fake_dns.add(mx_rr("noaddr.test", 10, "Gone.Example.TEST"))
+    result = run_mx(fake_dns, "example.test")
+    assert (result.returncode, result.stdout, result.stderr) == (
+        0, "10 mx1.example.test\n20 mx2.example.test\n", "")
+    result = run_mx(fake_dns, "plain.test")                 # implicit MX
+    assert (result.returncode, result.stdout) == (0, "0 plain.test\n")
+    result = run_mx(fake_dns, "noaddr.test")                # printed without an address
+    assert (result.returncode, result.stdout) == (0, "10 gone.example.test\n")
+    assert ("gone.example.test", T_A) not in fake_dns.asked()
+
+
+@pytest.mark.parametrize("domain, code, message", [
+    ("nowhere.test", 1, "NXDOMAIN"), ("null.test", 1, "null MX"), ("empty.test", 1, "no MX"),
+    ("servfail.test", 75, "SERVFAIL"), ("bad_domain!", 2, "domain")])
+def test_dns_mx_command_failures(fake_dns, domain, code, message):
+    fake_dns.add(mx_rr("null.test", 0, ""), rr("empty.test", 16, b"\x02hi"))
+
+    def handler(query):
+        if query.name == "servfail.test":
+            return [dns_reply(query, rcode=2)]
+        return fake_dns.answer(query)
+
+    fake_dns.handler = handler
+    result = run_mx(fake_dns, domain)
+    assert result.returncode == code and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("minimail: ")
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "DOMAIN"), (["example.test", "--dns", "ns.example.test"], "--dns"),
+    (["example.test", "--bogus"], "unrecognized")])
+def test_dns_mx_command_usage_errors(args, message):
+    result = run_cli("mx", *args)
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert message in result.stderr and "Traceback" not in result.stderr
+
+
+DNSMASQ = "/usr/sbin/dnsmasq"
+
+
+@pytest.mark.skipif(not os.access(DNSMASQ, os.X_OK),
+                    reason="dnsmasq not installed (Debian package dnsmasq-base)")
+def test_dns_through_real_dnsmasq(tmp_path):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        probe.settimeout(5)
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    args = [DNSMASQ, "--keep-in-foreground", "--conf-file=/dev/null", "--no-resolv", "--no-hosts",
+            "--pid-file=", "--listen-address=127.0.0.1", "--bind-interfaces", "--port=%d" % port,
+            "--log-facility=-", "--local=/example.test/",
+            "--mx-host=example.test,mx1.example.test,10", "--mx-host=example.test,mx2.example.test,5",
+            "--mx-host=null.example.test,.,0",
+            "--host-record=mx1.example.test,192.0.2.1,2001:db8::1",
+            "--host-record=mx2.example.test,192.0.2.2", "--host-record=plain.example.test,192.0.2.9"]
+    if os.geteuid() == 0:
+        args.append("--user=root")
+    with open(str(tmp_path / "dnsmasq.log"), "wb") as log_file:
+        process = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                   stderr=log_file)
+    try:
+        resolver = resolver_for(("127.0.0.1", port), dns_timeout=0.5)
+
+        def answers():
+            try:
+                return resolver.resolve_mx("example.test")
+            except minimail.TempFail:
+                return process.poll() is not None      # stop waiting if dnsmasq died
+
+        hosts = wait_for(answers, timeout=10)
+        assert process.poll() is None, (tmp_path / "dnsmasq.log").read_text()
+        assert hosts_of(hosts) == [(5, "mx2.example.test", ["192.0.2.2"]),
+                                   (10, "mx1.example.test", ["192.0.2.1", "2001:db8::1"])]
+        assert hosts_of(resolver.resolve_mx("plain.example.test")) == [
+            (0, "plain.example.test", ["192.0.2.9"])]
+        with pytest.raises(minimail.PermFail, match="NXDOMAIN"):
+            resolver.resolve_mx("nowhere.example.test")
+        result = run_cli("mx", "example.test", "--dns", "127.0.0.1:%d" % port)
+        assert (result.returncode, result.stdout) == (0, "5 mx2.example.test\n10 mx1.example.test\n")
+        result = run_cli("mx", "null.example.test", "--dns", "127.0.0.1:%d" % port)
+        assert result.returncode == 1 and "null MX" in result.stderr
+    finally:
+        process.terminate()
+        process.wait(10)
