@@ -34,7 +34,6 @@ import os
 import queue
 import random
 import re
-import secrets
 import signal
 import socket
 import socketserver
@@ -1336,7 +1335,7 @@ class Resolver:
 
     def _ask(self, server: tuple, name: str, qtype: int, timeout_s: float) -> DNSMessage:
         """One query to one server over UDP, repeated over TCP if the reply is truncated."""
-        query = build_query(name, qtype, secrets.randbits(16))
+        query = build_query(name, qtype, _random_query_id())
         question = ((name, qtype, DNS_CLASS_IN),)
         log.debug("dns >> %s %s", format_addr(server), _question_text(name, qtype))
         family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
@@ -1479,6 +1478,13 @@ def _negative_ttl(message: DNSMessage) -> int:
         if record.rtype == DNS_TYPE_SOA:
             return min(record.ttl, record.data[6], DNS_MAX_NEGATIVE_TTL)
     return 0
+
+
+def _random_query_id() -> int:
+    """An unpredictable 16-bit query ID (RFC 5452 9.2), from the kernel's CSPRNG.
+
+    os.urandom rather than the secrets module, which would load OpenSSL's hashes (3 MB)."""
+    return int.from_bytes(os.urandom(2), "big")
 
 
 def resolve_mx(domain: str, config: Optional[Config] = None) -> list:

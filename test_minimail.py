@@ -735,8 +735,10 @@ def test_smtp_connection_cap(make_server):
         assert (code, lines[0][4:9]) == (421, "4.7.0")
         assert third.closed()
         assert first.command(b"NOOP")[0] == 250
-    with Raw(app.smtp_port) as again:   # slots come back when clients leave
-        assert wait_for(lambda: again.command(b"NOOP")[0] == 250)
+    # Slots come back when clients leave (once the server has seen them go).
+    assert wait_for(lambda: not app.servers["smtp"].connections)
+    with Raw(app.smtp_port) as again:
+        assert again.command(b"NOOP")[0] == 250
 
 
 # --- SMTP: smuggling and line ends --------------------------------------------------
@@ -4007,3 +4009,79 @@ def test_dns_through_real_dnsmasq(tmp_path):
     finally:
         process.terminate()
         process.wait(10)
+
+
+# --- Relay through MX hosts ----------------------------------------------------------
+
+def mx_relay_server(make_server, dns, port, **overrides):
+    fields = dict(users=(RELAY_USER,), retry_delay=0.05, dns=(dns.address,), dns_timeout=0.5,
+                  dns_attempts=1, mx_port=port)
+    fields.update(overrides)
+    return make_server(**fields)
+
+
+def test_relay_mx_first_host_down_then_second(make_server, fake_dns, fake_smtp):
+    backup = fake_smtp(host="127.0.0.3")
+    fake_dns.add(mx_rr("remote.test", 10, "mx1.remote.test"), mx_rr("remote.test", 20, "mx2.remote.test"),
+                 a_rr("mx1.remote.test", "127.0.0.2"), a_rr("mx2.remote.test", "127.0.0.3"))
+    app = mx_relay_server(make_server, fake_dns, backup.port)      # nothing listens on 127.0.0.2
+    send_authenticated(app, ["bob@remote.test"])
+    message, = backup.wait_messages(1)
+    assert message["rcpts"] == ["bob@remote.test"]
+    assert wait_for(lambda: queue_empty(app))
+    assert ("remote.test", T_MX) in fake_dns.asked()
+
+
+def test_relay_mx_groups_recipients_by_domain(make_server, fake_dns, fake_smtp):
+    first, second = fake_smtp(host="127.0.0.2"), None
+    second = FakeSMTP(host="127.0.0.3", port=first.port)
+    try:
+        fake_dns.add(mx_rr("one.test", 10, "mx.one.test"), a_rr("mx.one.test", "127.0.0.2"),
+                     a_rr("two.test", "127.0.0.3"))                # two.test: implicit MX
+        app = mx_relay_server(make_server, fake_dns, first.port)
+        send_authenticated(app, ["a@one.test", "b@two.test", "c@one.test"])
+        assert first.wait_messages(1)[0]["rcpts"] == ["a@one.test", "c@one.test"]
+        assert second.wait_messages(1)[0]["rcpts"] == ["b@two.test"]
+    finally:
+        second.close()
+
+
+def test_relay_to_a_second_minimail(make_server, fake_dns, tmp_path):
+    receiver = minimail.App(base_config(tmp_path, maildir=str(tmp_path / "receiver"),
+                                        smtp=("127.0.0.2", 0), domains=("remote.test",)))
+    receiver.start()
+    try:
+        fake_dns.add(mx_rr("remote.test", 5, "mail.remote.test"), a_rr("mail.remote.test", "127.0.0.2"))
+        app = mx_relay_server(make_server, fake_dns, receiver.smtp_port)
+        send_authenticated(app, ["Bob@remote.test"], b"Subject: hop\r\n\r\n.dot\r\nbody\r\n")
+        stored = wait_for(lambda: delivered(receiver, "bob@remote.test"))
+        with open(stored[0], "rb") as file:
+            data = file.read()
+        assert data.count(b"Received: ") == 2 and b"\n.dot\nbody\n" in data
+        assert b"Return-Path: <alice@example.test>" in data
+    finally:
+        receiver.stop()
+
+
+@pytest.mark.parametrize("records, status", [
+    ([], "5.1.2"),                                                      # NXDOMAIN
+    ([mx_rr("remote.test", 0, "")], "5.1.10"),                          # null MX, RFC 7505
+])
+def test_relay_mx_permanent_dns_failure_bounces(make_server, fake_dns, records, status):
+    fake_dns.add(*records)
+    app = mx_relay_server(make_server, fake_dns, 25)
+    send_authenticated(app, ["bob@remote.test"])
+    fields, = dsn_fields(read_dsn(app, "alice@example.test"))
+    assert fields["Status"] == status and fields["Action"] == "failed"
+    assert fields["Final-Recipient"] == "rfc822; bob@remote.test"
+    assert wait_for(lambda: queue_empty(app))
+
+
+def test_relay_mx_dns_timeout_defers(make_server, fake_dns):
+    fake_dns.handler = lambda query: []             # never answers
+    app = mx_relay_server(make_server, fake_dns, 25, retry_delay=3600, dns_timeout=0.2)
+    send_authenticated(app, ["bob@remote.test"])
+    queue = app.queue
+    assert wait_for(lambda: queue.ids() and queue.load(queue.ids()[0]).recipients[0].state == "deferred")
+    assert queue.load(queue.ids()[0]).recipients[0].last_error
+    assert delivered(app, "alice@example.test") == []              # no bounce for a 4xx
