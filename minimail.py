@@ -5128,6 +5128,31 @@ def config_from_args(args) -> Config:
         retry_delay=args.retry_delay, queue_lifetime=args.queue_lifetime, dns=tuple(args.dns))
 
 
+class LogLineHandler(logging.Handler):
+    """Write each log record as one line with a single write() and no lock.
+
+    logging's StreamHandler holds a lock across the write system call; with a thread per
+    connection, every session then queues behind whichever thread is writing. One
+    write() of a line is atomic for pipes (up to PIPE_BUF) and for files.
+    """
+
+    def __init__(self, fd: int):
+        super().__init__()
+        self.fd = fd
+
+    def handle(self, record) -> bool:
+        if self.filter(record):
+            self.emit(record)
+            return True
+        return False
+
+    def emit(self, record) -> None:
+        try:
+            os.write(self.fd, (self.format(record) + "\n").encode("utf-8", "backslashreplace"))
+        except Exception:
+            self.handleError(record)
+
+
 def serve(argv: list) -> int:
     """Run the server until SIGINT or SIGTERM."""
     args = build_parser().parse_args(argv)
@@ -5135,9 +5160,10 @@ def serve(argv: list) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s minimail %(levelname)s %(message)s", stream=sys.stderr)
+    handler = LogLineHandler(sys.stderr.fileno())
+    handler.setFormatter(logging.Formatter("%(asctime)s minimail %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.WARNING if args.quiet else logging.DEBUG if args.verbose else logging.INFO)
     app = App(config)
     app.start()
     stop = threading.Event()
