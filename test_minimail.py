@@ -1622,7 +1622,7 @@ def test_relay_long_lines_folded_and_dots_stuffed(make_server, fake_smtp):
 
 def test_relay_chunks_fold_across_blocks(tmp_path):
     path = tmp_path / "message"
-    block = minimail.RECV_SIZE
+    block = minimail.READ_BLOCK
     data = b"a" * (block - 10) + b"\n" + b"b" * 3000 + b"\n.x\nlast"
     path.write_bytes(data)
     wire = b"".join(minimail.relay_chunks(str(path)))
