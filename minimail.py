@@ -71,6 +71,7 @@ LISTING_CACHE = 50_000              # messages in remembered mailbox listings
 FOLDER_MTIME_TRUST = 1.0            # seconds: a folder changed more recently is listed again
 POP3_MAX_COMMAND_LINE = 512         # SPEC 5 (RFC 2449 4 asks clients for at most 255)
 POP3_LOCK_FILE = ".minimail-pop3.lock"  # in the mailbox folder, beside tmp/ new/ cur/
+POP3_LOCK_POLL_S = 0.05             # how often a waiting login retries another process's lock
 POP3_MAX_UIDL = 70                  # RFC 1939 7: a unique-id is 1 to 70 characters 0x21-0x7E
 LOOPBACK_NETWORKS = ("127.0.0.0/8", "::1/128", "::ffff:127.0.0.0/104")   # SPEC 1
 
@@ -182,6 +183,7 @@ class Config:
     retry_delay: float = 300.0                      # first retry; delays double (SPEC 2)
     queue_lifetime: float = 5 * 86400.0             # then a queued message is bounced
     relay_workers: int = 4                          # deliveries at the same time
+    pop3_lock_wait: float = 1.0                     # a login waits this long for a busy mailbox
     loopback_networks: tuple[str, ...] = LOOPBACK_NETWORKS   # tests narrow this
     http_scan_interval: float = 1.0                 # seconds between maildir scans while waiting
     dns: tuple[tuple[str, int], ...] = ()           # nameservers; () reads resolv_conf
@@ -4364,10 +4366,22 @@ class MailboxLocks:
 
     def __init__(self):
         self.guard = threading.Lock()
+        self.released = threading.Condition(self.guard)
         self.held = set()
 
-    def acquire(self, folder: str) -> Optional[int]:
-        """Lock a mailbox folder; the lock file's descriptor, or None when it is in use."""
+    def acquire(self, folder: str, wait_s: float) -> Optional[int]:
+        """Lock a mailbox folder; the lock file's descriptor, or None when it stays in use
+        for wait_s (a client that reconnects at once finds its last session ending)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = self._try(folder)
+            remaining_s = deadline - time.monotonic()
+            if fd is not None or remaining_s <= 0:
+                return fd
+            with self.released:     # a release here wakes us; another process's is polled
+                self.released.wait(min(remaining_s, POP3_LOCK_POLL_S))
+
+    def _try(self, folder: str) -> Optional[int]:
         with self.guard:
             if folder in self.held:
                 return None
@@ -4393,6 +4407,7 @@ class MailboxLocks:
             os.close(fd)
         with self.guard:
             self.held.discard(folder)
+            self.released.notify_all()
 
 
 @dataclass
@@ -4592,7 +4607,7 @@ class POP3Handler(LineHandler):
         maildir = self.app.maildir
         try:
             folder = maildir.ensure(mailbox)
-            lock_fd = self.app.mailbox_locks.acquire(folder)
+            lock_fd = self.app.mailbox_locks.acquire(folder, self.config.pop3_lock_wait)
         except OSError as exc:
             log.error("%s cannot open mailbox %s: %s", self.sid, mailbox, exc)
             raise Reply("-ERR", "SYS/TEMP", "Cannot open the mailbox, try again later") from None

@@ -51,7 +51,7 @@ def wait_for(predicate, timeout=10.0, interval=0.01):
 def base_config(tmp_path, **overrides):
     fields = dict(domains=("example.test",), maildir=str(tmp_path / "maildir"),
                   smtp=("127.0.0.1", 0), hostname="mx.example.test", auth_failure_delay=0.01,
-                  timeout=5.0)
+                  timeout=5.0, pop3_lock_wait=0.1)
     fields.update(overrides)
     return minimail.Config(**fields)
 
@@ -2781,6 +2781,18 @@ def test_pop3_second_session_gets_in_use(make_server):
         assert first.command(b"QUIT") == b"+OK Bye"
         assert wait_for(lambda: second.command(b"AUTH PLAIN " + plain).startswith(b"+OK"))
         assert second.command(b"STAT") == b"+OK 0 0"
+
+
+def test_pop3_login_waits_briefly_for_a_session_that_is_ending(make_server):
+    app = make_server(pop3=("127.0.0.1", 0), users=ALICE, pop3_lock_wait=10)
+    with RawPOP3(app.pop3_port) as first, RawPOP3(app.pop3_port) as second:
+        first.login(b"alice@example.test", b"secret")
+        assert second.command(b"USER alice@example.test").startswith(b"+OK")
+        second.send(b"PASS secret\r\n")                # waits: the mailbox is in use
+        start = time.monotonic()
+        assert first.command(b"QUIT") == b"+OK Bye"
+        assert second.read_line().startswith(b"+OK")
+        assert time.monotonic() - start < 5
 
 
 def test_pop3_lock_holds_across_processes_and_dies_with_its_holder(tmp_path):
