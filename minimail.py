@@ -49,7 +49,7 @@ __version__ = "0.1.0"
 __all__ = ["Config", "App", "main", "resolve_mx"]
 
 
-# --- Protocol constants -------------------------------------------------------
+# --- Protocol constants ---------------------------------------------------------------
 
 SMTP_MAX_COMMAND_LINE = 512         # RFC 5321 4.5.3.1.4, including CRLF
 SMTP_MAX_PATH_LINE = 1024           # MAIL/RCPT with parameters (Postfix allows as much)
@@ -114,7 +114,7 @@ DATA_TERMINATOR = b"\r\n.\r\n"      # RFC 5321 4.1.1.4: the only end of DATA
 log = logging.getLogger("minimail")
 
 
-# --- Exceptions ---------------------------------------------------------------
+# --- Exceptions -----------------------------------------------------------------------
 
 class Reply(Exception):
     """A protocol reply raised from a verb method; the handler formats and sends it.
@@ -155,7 +155,7 @@ class LineTooLong(Exception):
     """A command line exceeded its limit; it was read to its end and discarded."""
 
 
-# --- Configuration ------------------------------------------------------------
+# --- Configuration --------------------------------------------------------------------
 
 @dataclass(frozen=True)
 class Config:
@@ -300,7 +300,7 @@ def read_users_file(path: str) -> list:
     return accounts
 
 
-# --- Addresses and small helpers ----------------------------------------------
+# --- Addresses and small helpers ------------------------------------------------------
 
 _ATEXT = r"A-Za-z0-9!#$%&'*+/=?^_`{|}~\-\u0080-\U0010ffff"
 # Lenient dot-atom (leading, trailing and double dots allowed as Postfix does); unsafe
@@ -391,7 +391,7 @@ def mask_auth(line: bytes) -> bytes:
     return b"****"
 
 
-# --- Storage: Maildir delivery --------------------------------------------------
+# --- Storage: Maildir delivery --------------------------------------------------------
 
 class MessageIds:
     """Unique Maildir base names, safe across threads and processes.
@@ -946,7 +946,7 @@ class Queue:
         return fd
 
 
-# --- DNS --------------------------------------------------------------------------
+# --- DNS ------------------------------------------------------------------------------
 
 class DNSFormatError(ValueError):
     """A DNS message that breaks the RFC 1035 wire format."""
@@ -1494,7 +1494,7 @@ def resolve_mx(domain: str, config: Optional[Config] = None) -> list:
     return Resolver(config or Config()).resolve_mx(domain)
 
 
-# --- Line-protocol base ---------------------------------------------------------
+# --- Line-protocol base ---------------------------------------------------------------
 
 class ThreadedServer(socketserver.ThreadingMixIn, socketserver.TCPServer):
     """A TCP listener with one thread per connection, a connection cap and clean stop."""
@@ -1929,7 +1929,7 @@ def _terminator_prefix_len(data: bytes) -> int:
     return 0
 
 
-# --- SMTP server ----------------------------------------------------------------
+# --- SMTP server ----------------------------------------------------------------------
 
 @dataclass
 class Envelope:
@@ -2387,7 +2387,7 @@ class SMTPHandler(LineHandler):
         self.reply(235, "2.7.0", "Authentication successful")
 
 
-# --- Relay delivery ---------------------------------------------------------------
+# --- Relay delivery -------------------------------------------------------------------
 
 SMTP_MAX_TEXT_LINE = 998            # RFC 5321 4.5.3.1.6, without CRLF
 REPLY_MAX_LINES = 100               # a longer multi-line reply is a broken server
@@ -2885,7 +2885,465 @@ class Relay:
         return head.replace(b"\n", b"\r\n")
 
 
-# --- HTTP server ----------------------------------------------------------------
+# --- POP3 server ----------------------------------------------------------------------
+
+class MailboxLocks:
+    """One POP3 session per mailbox (SPEC 5), across threads and processes.
+
+    A flock() on a lock file inside the mailbox excludes other processes and is dropped
+    by the kernel when the holder dies; the set of folders this process holds excludes
+    a second session here even where flock() is emulated per process (NFS).
+    """
+
+    def __init__(self):
+        self.guard = threading.Lock()
+        self.released = threading.Condition(self.guard)
+        self.held = set()
+
+    def acquire(self, folder: str, wait_s: float) -> Optional[int]:
+        """Lock a mailbox folder; the lock file's descriptor, or None when it stays in use
+        for wait_s (a client that reconnects at once finds its last session ending)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            fd = self._try(folder)
+            remaining_s = deadline - time.monotonic()
+            if fd is not None or remaining_s <= 0:
+                return fd
+            with self.released:     # a release here wakes us; another process's is polled
+                self.released.wait(min(remaining_s, POP3_LOCK_POLL_S))
+
+    def _try(self, folder: str) -> Optional[int]:
+        with self.guard:
+            if folder in self.held:
+                return None
+            self.held.add(folder)
+        fd = -1
+        try:
+            fd = os.open(os.path.join(folder, POP3_LOCK_FILE),
+                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return fd
+        except BlockingIOError:
+            self._drop(folder, fd)
+            return None
+        except OSError:
+            self._drop(folder, fd)
+            raise
+
+    def release(self, folder: str, fd: int) -> None:
+        self._drop(folder, fd)      # closing the only descriptor releases the flock
+
+    def _drop(self, folder: str, fd: int) -> None:
+        if fd >= 0:
+            os.close(fd)
+        with self.guard:
+            self.held.discard(folder)
+            self.released.notify_all()
+
+
+@dataclass
+class POP3Message:
+    """One message of a maildrop, numbered by its place in Maildrop.messages."""
+    stored: StoredMessage
+    octets: int                 # RFC 1939 11: size with CRLF line ends, before byte-stuffing
+    deleted: bool = False       # DELE: removed at QUIT
+    retrieved: bool = False     # RETR: marked seen (S) at QUIT
+
+
+@dataclass
+class Maildrop:
+    """A logged-in session's mailbox: the messages present at login (RFC 1939 8)."""
+    mailbox: str
+    folder: str
+    lock_fd: int
+    messages: list
+
+
+def uidl_of(message_id: str) -> str:
+    """The RFC 1939 unique-id of a message: its ID, or a hash when the ID is not a valid one."""
+    if 0 < len(message_id) <= POP3_MAX_UIDL and message_id.isascii() \
+            and message_id.isprintable() and " " not in message_id:
+        return message_id
+    import hashlib      # loads OpenSSL's hashes (3 MB): only for an ID that needs it
+    return hashlib.sha256(os.fsencode(message_id)).hexdigest()
+
+
+def _top_length(file, body_lines: int) -> Optional[int]:
+    """Bytes at the start of a message file that TOP sends: the headers, the blank line
+    and body_lines lines of the body (RFC 1939 7); None when that is the whole file."""
+    offset = 0
+    in_body = False
+    line_start = True
+    while True:
+        piece = file.readline(READ_BLOCK)
+        if not piece:
+            return None
+        offset += len(piece)
+        ends_line = piece.endswith(b"\n")
+        if in_body:
+            body_lines -= ends_line
+        elif line_start and piece in (b"\n", b"\r\n"):
+            in_body = True
+        if in_body and body_lines <= 0:
+            return offset
+        line_start = ends_line
+
+
+def _wire_blocks(file, limit: Optional[int] = None):
+    """Yield a stored message (its first limit bytes) as POP3 sends it: every LF not after
+    CR becomes CRLF, a last line without one gets CRLF (StoredMessage.wire_size counts the
+    same), and lines starting with "." get another (RFC 1939 3 byte-stuffing)."""
+    line_start = True
+    held_cr = b""                # a CR at the end of a block, until we know whether LF follows
+    last = b"\n"
+    remaining = -1 if limit is None else limit
+    while remaining:
+        data = file.read(READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining))
+        if not data:
+            break
+        remaining -= len(data) if remaining > 0 else 0
+        data = held_cr + data
+        held_cr = b""
+        if data.endswith(b"\r"):
+            held_cr, data = b"\r", data[:-1]
+        if b"\r" in data:
+            data = data.replace(b"\r\n", b"\n")
+        data = data.replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            data = data.replace(b"\n.", b"\n..")
+        if line_start and data.startswith(b"."):
+            data = b"." + data
+        if data:
+            line_start = data.endswith(b"\n")
+            last = data[-1:]
+            yield data
+    if held_cr or last != b"\n":
+        yield held_cr + b"\r\n"
+
+
+class POP3Handler(LineHandler):
+    """A POP3 session (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595) and AUTH PLAIN
+    (RFC 5034), over the mailboxes SMTP delivery writes."""
+
+    verb_prefix = "pop_"
+    max_read_line = SASL_MAX_RESPONSE_LINE      # AUTH may carry a long initial response
+    too_many_connections = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
+    sasl_prompt = b"+ "
+    sasl_errors = {
+        "mechanism": ("-ERR", "", "Unsupported authentication mechanism"),
+        "too long": ("-ERR", "", "Authentication line too long"),
+        "cancelled": ("-ERR", "", "Authentication cancelled"),
+        "base64": ("-ERR", "", "Invalid base64 data"),
+        "malformed": ("-ERR", "", "Malformed PLAIN response"),
+        "identity": ("-ERR", "AUTH", "Authorization identity not allowed"),
+    }
+
+    def start_session(self):
+        self.user = None            # the USER name, waiting for PASS
+        self.maildrop = None        # set at login: the TRANSACTION state
+        self.ok("%s POP3 minimail ready" % self.config.hostname)
+
+    def end_session(self):
+        if self.maildrop is not None:   # no QUIT: RFC 1939 6, nothing is updated
+            self._unlock()
+
+    def on_timeout(self):
+        try:
+            self.send(b"-ERR Disconnected for inactivity\r\n")
+            self.flush()
+        except OSError:
+            pass
+
+    def ok(self, text: str = "", lines: Optional[list] = None) -> None:
+        """A +OK reply; with lines, a multi-line one ended by "." (RFC 1939 3)."""
+        status = b"+OK %s\r\n" % text.encode() if text else b"+OK\r\n"
+        if lines is None:
+            self.send(status)
+        else:
+            self.send(status + "".join([line + "\r\n" for line in lines]).encode() + b".\r\n")
+
+    def format_reply(self, reply: Reply) -> bytes:
+        if reply.status:
+            return b"-ERR [%s] %s\r\n" % (reply.status.encode(), reply.text.encode())
+        return b"-ERR %s\r\n" % reply.text.encode()
+
+    def send_error(self, reply: Reply) -> None:
+        log.info("%s refused: %s", self.sid, self.format_reply(reply).decode().rstrip())
+        super().send_error(reply)
+
+    def unknown_verb(self) -> Reply:
+        return Reply("-ERR", "", "Unknown command")
+
+    def line_too_long(self) -> Reply:
+        return Reply("-ERR", "", "Line too long")
+
+    def internal_error(self) -> Reply:
+        return Reply("-ERR", "SYS/TEMP", "Internal error")
+
+    def check_line(self, verb: bytes, line: bytes) -> None:
+        limit = SASL_MAX_RESPONSE_LINE if verb == b"AUTH" else POP3_MAX_COMMAND_LINE
+        if len(line) + 2 > limit:
+            raise self.line_too_long()
+        if b"\x00" in line or b"\r" in line:
+            raise Reply("-ERR", "", "NUL or CR in command")
+
+    # State.
+    def may_login(self) -> bool:
+        return self.tls or self.is_loopback
+
+    def require_authorization(self) -> None:
+        """Allow a login command: AUTHORIZATION state, in TLS or on loopback (SPEC 5)."""
+        if self.maildrop is not None:
+            raise Reply("-ERR", "", "Already logged in")
+        if not self.may_login():
+            raise Reply("-ERR", "AUTH", "use STLS")
+
+    def require_maildrop(self) -> Maildrop:
+        if self.maildrop is None:
+            raise Reply("-ERR", "", "Log in first")
+        return self.maildrop
+
+    def message(self, arg: bytes) -> tuple:
+        """(number, POP3Message) of a message number that names a message not deleted."""
+        maildrop = self.require_maildrop()
+        arg = arg.strip()
+        if not arg.isdigit() or len(arg) > 9:
+            raise Reply("-ERR", "", "Syntax: a message number")
+        number = int(arg)
+        if not 1 <= number <= len(maildrop.messages) or maildrop.messages[number - 1].deleted:
+            raise Reply("-ERR", "", "No such message")
+        return number, maildrop.messages[number - 1]
+
+    def live_messages(self) -> list:
+        """(number, POP3Message) of every message not marked deleted."""
+        return [(number, message) for number, message in
+                enumerate(self.require_maildrop().messages, 1) if not message.deleted]
+
+    # Login and the maildrop.
+    def login(self, username: bytes, password: bytes) -> None:
+        """Check credentials, then lock and list the mailbox: the TRANSACTION state."""
+        account = self.app.check_login(username, password, self.is_loopback)
+        if account is False:
+            if self.login_failed(username):
+                raise Reply("-ERR", "AUTH", "Too many authentication failures", close=True)
+            raise Reply("-ERR", "AUTH", "Authentication failed")
+        mailbox = account
+        if mailbox is None:             # dev sink: any password opens any mailbox
+            try:
+                mailbox = mailbox_name(username.decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                raise Reply("-ERR", "AUTH", "Log in with a full address") from None
+        if not is_safe_folder(mailbox):
+            raise Reply("-ERR", "AUTH", "Not a valid mailbox name")
+        maildir = self.app.maildir
+        try:
+            folder = maildir.ensure(mailbox)
+            lock_fd = self.app.mailbox_locks.acquire(folder, self.config.pop3_lock_wait)
+        except OSError as exc:
+            log.error("%s cannot open mailbox %s: %s", self.sid, mailbox, exc)
+            raise Reply("-ERR", "SYS/TEMP", "Cannot open the mailbox, try again later") from None
+        if lock_fd is None:
+            log.info("%s mailbox %s in use", self.sid, mailbox)
+            raise Reply("-ERR", "IN-USE", "Mailbox is in use by another POP3 session")
+        self.maildrop = Maildrop(mailbox, folder, lock_fd, [])
+        try:
+            self.maildrop.messages = [POP3Message(stored, octets) for stored, octets
+                                      in self.app.maildir.sized_messages(mailbox)]
+        except OSError as exc:
+            log.error("%s cannot list mailbox %s: %s", self.sid, mailbox, exc)
+            self._unlock()
+            raise Reply("-ERR", "SYS/TEMP", "Cannot read the mailbox, try again later") from None
+        log.info("%s pop3 login %s: %d messages", self.sid, mailbox, len(self.maildrop.messages))
+        self.ok("Logged in, %d messages" % len(self.maildrop.messages))
+
+    def _unlock(self) -> None:
+        maildrop, self.maildrop = self.maildrop, None
+        self.app.mailbox_locks.release(maildrop.folder, maildrop.lock_fd)
+
+    def _on_current_file(self, message: POP3Message, action):
+        """Return action(stored) for the message's file, found again by ID if another
+        client (HTTP) moved it since login; None when the message is gone."""
+        for _ in range(2):
+            try:
+                return action(message.stored)
+            except FileNotFoundError:
+                moved = self.app.maildir.find(self.maildrop.mailbox, message.stored.id)
+                if moved is None:
+                    return None
+                message.stored = moved
+        return None
+
+    def _update(self) -> int:
+        """The UPDATE state (RFC 1939 6): remove DELEted messages, mark RETRieved ones seen
+        (moved to cur/ with S added to their flags); return how many could not be changed."""
+        maildir = self.app.maildir
+        failures = removed = seen = 0
+        for message in self.maildrop.messages:
+            if not (message.deleted or message.retrieved):
+                continue
+            try:
+                if message.deleted:
+                    self._on_current_file(message, lambda stored: os.unlink(stored.path))
+                    removed += 1
+                elif self._on_current_file(message, lambda stored: maildir.set_flags(
+                        stored, stored.flags + "S")):
+                    seen += 1
+            except OSError as exc:
+                log.error("%s cannot update %s: %s", self.sid, message.stored.name, exc)
+                failures += 1
+        try:
+            for sub in ("new", "cur") if removed or seen else ():
+                fsync_dir(os.path.join(self.maildrop.folder, sub))
+        except OSError as exc:
+            log.error("%s cannot sync %s: %s", self.sid, self.maildrop.folder, exc)
+            failures += 1
+        log.info("%s pop3 update %s: %d deleted, %d seen", self.sid, self.maildrop.mailbox,
+                 removed, seen)
+        return failures
+
+    def _send_message(self, message: POP3Message, limit: Optional[int] = None) -> None:
+        """Send a message, or its first limit bytes, as a multi-line reply."""
+        try:
+            file = self._on_current_file(message, lambda stored: open(stored.path, "rb"))
+        except OSError as exc:
+            log.error("%s cannot read %s: %s", self.sid, message.stored.name, exc)
+            raise Reply("-ERR", "SYS/TEMP", "Cannot read the message") from None
+        if file is None:
+            raise Reply("-ERR", "", "Message was removed by another client")
+        with file:
+            if limit is not None:
+                limit = _top_length(file, limit)
+                file.seek(0)
+                self.send(b"+OK\r\n")
+            else:
+                self.send(b"+OK %d octets\r\n" % message.octets)
+            for block in _wire_blocks(file, limit):
+                self.send_text(block)
+        self.send_text(b".\r\n")
+
+    # Verbs of the AUTHORIZATION state.
+    def pop_CAPA(self, arg: bytes) -> None:
+        """CAPA: list the capabilities (RFC 2449)."""
+        capabilities = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
+        if self.may_login():
+            capabilities += ["USER", "SASL PLAIN"]
+        if self.app.tls_context is not None and not self.tls:
+            capabilities.append("STLS")
+        capabilities.append("IMPLEMENTATION minimail")
+        self.ok("Capability list follows", capabilities)
+
+    def pop_STLS(self, arg: bytes) -> None:
+        """STLS: switch to TLS (RFC 2595)."""
+        if self.app.tls_context is None:
+            raise Reply("-ERR", "", "STLS not available")
+        if self.tls or self.maildrop is not None:
+            raise Reply("-ERR", "", "STLS not allowed now")
+        if arg:
+            raise Reply("-ERR", "", "Syntax: STLS")
+        self.ok("Begin TLS negotiation")
+        try:
+            self.start_tls(self.app.tls_context)
+        except (OSError, ValueError) as exc:
+            log.info("%s TLS handshake failed: %s", self.sid, exc.__class__.__name__)
+            self.closing = True
+            return
+        self.user = None            # RFC 2595 4: nothing learned before TLS is kept
+
+    def pop_USER(self, arg: bytes) -> None:
+        """USER name: name the mailbox (a full address) to log in to."""
+        self.require_authorization()
+        if not arg:
+            raise Reply("-ERR", "", "Syntax: USER address")
+        self.user = arg
+        self.ok("Send PASS")
+
+    def pop_PASS(self, arg: bytes) -> None:
+        """PASS password: log in as the USER given before."""
+        self.require_authorization()
+        if self.user is None:
+            raise Reply("-ERR", "", "Send USER first")
+        username, self.user = self.user, None
+        self.login(username, arg)
+
+    def pop_AUTH(self, arg: bytes) -> None:
+        """AUTH PLAIN [initial-response]: log in with SASL (RFC 5034)."""
+        self.require_authorization()
+        if not arg:
+            self.ok("Mechanisms follow", ["PLAIN"])
+            return
+        self.user = None
+        self.login(*self.sasl_login(arg))
+
+    def pop_QUIT(self, arg: bytes) -> None:
+        """QUIT: apply DELE and RETR (in the TRANSACTION state) and end the session."""
+        self.closing = True
+        if self.maildrop is None:
+            self.ok("Bye")
+            return
+        failures = self._update()
+        self._unlock()
+        if failures:
+            raise Reply("-ERR", "SYS/TEMP", "Some messages could not be updated")
+        self.ok("Bye")
+
+    # Verbs of the TRANSACTION state.
+    def pop_STAT(self, arg: bytes) -> None:
+        """STAT: count and total octets of the messages not deleted."""
+        live = self.live_messages()
+        self.ok("%d %d" % (len(live), sum(message.octets for _, message in live)))
+
+    def pop_LIST(self, arg: bytes) -> None:
+        """LIST [n]: the octet count of one message, or of each message."""
+        if arg:
+            number, message = self.message(arg)
+            self.ok("%d %d" % (number, message.octets))
+            return
+        live = self.live_messages()
+        self.ok("%d messages" % len(live),
+                ["%d %d" % (number, message.octets) for number, message in live])
+
+    def pop_UIDL(self, arg: bytes) -> None:
+        """UIDL [n]: the unique-id of one message, or of each message."""
+        if arg:
+            number, message = self.message(arg)
+            self.ok("%d %s" % (number, uidl_of(message.stored.id)))
+            return
+        self.ok("Unique-ids follow", ["%d %s" % (number, uidl_of(message.stored.id))
+                                      for number, message in self.live_messages()])
+
+    def pop_RETR(self, arg: bytes) -> None:
+        """RETR n: send a message."""
+        _, message = self.message(arg)
+        self._send_message(message)
+        message.retrieved = True
+
+    def pop_TOP(self, arg: bytes) -> None:
+        """TOP n lines: send a message's headers and its first lines of body."""
+        words = arg.split()
+        if len(words) != 2 or not words[1].isdigit():
+            raise Reply("-ERR", "", "Syntax: TOP message lines")
+        _, message = self.message(words[0])
+        self._send_message(message, int(words[1]))
+
+    def pop_DELE(self, arg: bytes) -> None:
+        """DELE n: mark a message to be removed at QUIT."""
+        number, message = self.message(arg)
+        message.deleted = True
+        self.ok("Message %d deleted" % number)
+
+    def pop_RSET(self, arg: bytes) -> None:
+        """RSET: unmark the messages marked deleted."""
+        for message in self.require_maildrop().messages:
+            message.deleted = False
+        self.ok("%d messages" % len(self.maildrop.messages))
+
+    def pop_NOOP(self, arg: bytes) -> None:
+        """NOOP: do nothing."""
+        self.require_maildrop()
+        self.ok()
+
+
+# --- HTTP server ----------------------------------------------------------------------
 
 HTTP_SNIPPET_CHARS = 250            # Mailpit's summary snippet length
 HTTP_SEARCH_TEXT_CHARS = 16384      # body text kept per message for plain-word search
@@ -4354,465 +4812,7 @@ loadList().then(() => { if (location.hash.length > 1) openMessage(decodeURICompo
 """
 
 
-# --- POP3 server ----------------------------------------------------------------
-
-class MailboxLocks:
-    """One POP3 session per mailbox (SPEC 5), across threads and processes.
-
-    A flock() on a lock file inside the mailbox excludes other processes and is dropped
-    by the kernel when the holder dies; the set of folders this process holds excludes
-    a second session here even where flock() is emulated per process (NFS).
-    """
-
-    def __init__(self):
-        self.guard = threading.Lock()
-        self.released = threading.Condition(self.guard)
-        self.held = set()
-
-    def acquire(self, folder: str, wait_s: float) -> Optional[int]:
-        """Lock a mailbox folder; the lock file's descriptor, or None when it stays in use
-        for wait_s (a client that reconnects at once finds its last session ending)."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            fd = self._try(folder)
-            remaining_s = deadline - time.monotonic()
-            if fd is not None or remaining_s <= 0:
-                return fd
-            with self.released:     # a release here wakes us; another process's is polled
-                self.released.wait(min(remaining_s, POP3_LOCK_POLL_S))
-
-    def _try(self, folder: str) -> Optional[int]:
-        with self.guard:
-            if folder in self.held:
-                return None
-            self.held.add(folder)
-        fd = -1
-        try:
-            fd = os.open(os.path.join(folder, POP3_LOCK_FILE),
-                         os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            return fd
-        except BlockingIOError:
-            self._drop(folder, fd)
-            return None
-        except OSError:
-            self._drop(folder, fd)
-            raise
-
-    def release(self, folder: str, fd: int) -> None:
-        self._drop(folder, fd)      # closing the only descriptor releases the flock
-
-    def _drop(self, folder: str, fd: int) -> None:
-        if fd >= 0:
-            os.close(fd)
-        with self.guard:
-            self.held.discard(folder)
-            self.released.notify_all()
-
-
-@dataclass
-class POP3Message:
-    """One message of a maildrop, numbered by its place in Maildrop.messages."""
-    stored: StoredMessage
-    octets: int                 # RFC 1939 11: size with CRLF line ends, before byte-stuffing
-    deleted: bool = False       # DELE: removed at QUIT
-    retrieved: bool = False     # RETR: marked seen (S) at QUIT
-
-
-@dataclass
-class Maildrop:
-    """A logged-in session's mailbox: the messages present at login (RFC 1939 8)."""
-    mailbox: str
-    folder: str
-    lock_fd: int
-    messages: list
-
-
-def uidl_of(message_id: str) -> str:
-    """The RFC 1939 unique-id of a message: its ID, or a hash when the ID is not a valid one."""
-    if 0 < len(message_id) <= POP3_MAX_UIDL and message_id.isascii() \
-            and message_id.isprintable() and " " not in message_id:
-        return message_id
-    import hashlib      # loads OpenSSL's hashes (3 MB): only for an ID that needs it
-    return hashlib.sha256(os.fsencode(message_id)).hexdigest()
-
-
-def _top_length(file, body_lines: int) -> Optional[int]:
-    """Bytes at the start of a message file that TOP sends: the headers, the blank line
-    and body_lines lines of the body (RFC 1939 7); None when that is the whole file."""
-    offset = 0
-    in_body = False
-    line_start = True
-    while True:
-        piece = file.readline(READ_BLOCK)
-        if not piece:
-            return None
-        offset += len(piece)
-        ends_line = piece.endswith(b"\n")
-        if in_body:
-            body_lines -= ends_line
-        elif line_start and piece in (b"\n", b"\r\n"):
-            in_body = True
-        if in_body and body_lines <= 0:
-            return offset
-        line_start = ends_line
-
-
-def _wire_blocks(file, limit: Optional[int] = None):
-    """Yield a stored message (its first limit bytes) as POP3 sends it: every LF not after
-    CR becomes CRLF, a last line without one gets CRLF (StoredMessage.wire_size counts the
-    same), and lines starting with "." get another (RFC 1939 3 byte-stuffing)."""
-    line_start = True
-    held_cr = b""                # a CR at the end of a block, until we know whether LF follows
-    last = b"\n"
-    remaining = -1 if limit is None else limit
-    while remaining:
-        data = file.read(READ_BLOCK if remaining < 0 else min(READ_BLOCK, remaining))
-        if not data:
-            break
-        remaining -= len(data) if remaining > 0 else 0
-        data = held_cr + data
-        held_cr = b""
-        if data.endswith(b"\r"):
-            held_cr, data = b"\r", data[:-1]
-        if b"\r" in data:
-            data = data.replace(b"\r\n", b"\n")
-        data = data.replace(b"\n", b"\r\n")
-        if b"\n." in data:
-            data = data.replace(b"\n.", b"\n..")
-        if line_start and data.startswith(b"."):
-            data = b"." + data
-        if data:
-            line_start = data.endswith(b"\n")
-            last = data[-1:]
-            yield data
-    if held_cr or last != b"\n":
-        yield held_cr + b"\r\n"
-
-
-class POP3Handler(LineHandler):
-    """A POP3 session (RFC 1939) with CAPA (RFC 2449), STLS (RFC 2595) and AUTH PLAIN
-    (RFC 5034), over the mailboxes SMTP delivery writes."""
-
-    verb_prefix = "pop_"
-    max_read_line = SASL_MAX_RESPONSE_LINE      # AUTH may carry a long initial response
-    too_many_connections = b"-ERR [SYS/TEMP] Too many connections, try again later\r\n"
-    sasl_prompt = b"+ "
-    sasl_errors = {
-        "mechanism": ("-ERR", "", "Unsupported authentication mechanism"),
-        "too long": ("-ERR", "", "Authentication line too long"),
-        "cancelled": ("-ERR", "", "Authentication cancelled"),
-        "base64": ("-ERR", "", "Invalid base64 data"),
-        "malformed": ("-ERR", "", "Malformed PLAIN response"),
-        "identity": ("-ERR", "AUTH", "Authorization identity not allowed"),
-    }
-
-    def start_session(self):
-        self.user = None            # the USER name, waiting for PASS
-        self.maildrop = None        # set at login: the TRANSACTION state
-        self.ok("%s POP3 minimail ready" % self.config.hostname)
-
-    def end_session(self):
-        if self.maildrop is not None:   # no QUIT: RFC 1939 6, nothing is updated
-            self._unlock()
-
-    def on_timeout(self):
-        try:
-            self.send(b"-ERR Disconnected for inactivity\r\n")
-            self.flush()
-        except OSError:
-            pass
-
-    def ok(self, text: str = "", lines: Optional[list] = None) -> None:
-        """A +OK reply; with lines, a multi-line one ended by "." (RFC 1939 3)."""
-        status = b"+OK %s\r\n" % text.encode() if text else b"+OK\r\n"
-        if lines is None:
-            self.send(status)
-        else:
-            self.send(status + "".join([line + "\r\n" for line in lines]).encode() + b".\r\n")
-
-    def format_reply(self, reply: Reply) -> bytes:
-        if reply.status:
-            return b"-ERR [%s] %s\r\n" % (reply.status.encode(), reply.text.encode())
-        return b"-ERR %s\r\n" % reply.text.encode()
-
-    def send_error(self, reply: Reply) -> None:
-        log.info("%s refused: %s", self.sid, self.format_reply(reply).decode().rstrip())
-        super().send_error(reply)
-
-    def unknown_verb(self) -> Reply:
-        return Reply("-ERR", "", "Unknown command")
-
-    def line_too_long(self) -> Reply:
-        return Reply("-ERR", "", "Line too long")
-
-    def internal_error(self) -> Reply:
-        return Reply("-ERR", "SYS/TEMP", "Internal error")
-
-    def check_line(self, verb: bytes, line: bytes) -> None:
-        limit = SASL_MAX_RESPONSE_LINE if verb == b"AUTH" else POP3_MAX_COMMAND_LINE
-        if len(line) + 2 > limit:
-            raise self.line_too_long()
-        if b"\x00" in line or b"\r" in line:
-            raise Reply("-ERR", "", "NUL or CR in command")
-
-    # State.
-    def may_login(self) -> bool:
-        return self.tls or self.is_loopback
-
-    def require_authorization(self) -> None:
-        """Allow a login command: AUTHORIZATION state, in TLS or on loopback (SPEC 5)."""
-        if self.maildrop is not None:
-            raise Reply("-ERR", "", "Already logged in")
-        if not self.may_login():
-            raise Reply("-ERR", "AUTH", "use STLS")
-
-    def require_maildrop(self) -> Maildrop:
-        if self.maildrop is None:
-            raise Reply("-ERR", "", "Log in first")
-        return self.maildrop
-
-    def message(self, arg: bytes) -> tuple:
-        """(number, POP3Message) of a message number that names a message not deleted."""
-        maildrop = self.require_maildrop()
-        arg = arg.strip()
-        if not arg.isdigit() or len(arg) > 9:
-            raise Reply("-ERR", "", "Syntax: a message number")
-        number = int(arg)
-        if not 1 <= number <= len(maildrop.messages) or maildrop.messages[number - 1].deleted:
-            raise Reply("-ERR", "", "No such message")
-        return number, maildrop.messages[number - 1]
-
-    def live_messages(self) -> list:
-        """(number, POP3Message) of every message not marked deleted."""
-        return [(number, message) for number, message in
-                enumerate(self.require_maildrop().messages, 1) if not message.deleted]
-
-    # Login and the maildrop.
-    def login(self, username: bytes, password: bytes) -> None:
-        """Check credentials, then lock and list the mailbox: the TRANSACTION state."""
-        account = self.app.check_login(username, password, self.is_loopback)
-        if account is False:
-            if self.login_failed(username):
-                raise Reply("-ERR", "AUTH", "Too many authentication failures", close=True)
-            raise Reply("-ERR", "AUTH", "Authentication failed")
-        mailbox = account
-        if mailbox is None:             # dev sink: any password opens any mailbox
-            try:
-                mailbox = mailbox_name(username.decode("utf-8"))
-            except (UnicodeDecodeError, ValueError):
-                raise Reply("-ERR", "AUTH", "Log in with a full address") from None
-        if not is_safe_folder(mailbox):
-            raise Reply("-ERR", "AUTH", "Not a valid mailbox name")
-        maildir = self.app.maildir
-        try:
-            folder = maildir.ensure(mailbox)
-            lock_fd = self.app.mailbox_locks.acquire(folder, self.config.pop3_lock_wait)
-        except OSError as exc:
-            log.error("%s cannot open mailbox %s: %s", self.sid, mailbox, exc)
-            raise Reply("-ERR", "SYS/TEMP", "Cannot open the mailbox, try again later") from None
-        if lock_fd is None:
-            log.info("%s mailbox %s in use", self.sid, mailbox)
-            raise Reply("-ERR", "IN-USE", "Mailbox is in use by another POP3 session")
-        self.maildrop = Maildrop(mailbox, folder, lock_fd, [])
-        try:
-            self.maildrop.messages = [POP3Message(stored, octets) for stored, octets
-                                      in self.app.maildir.sized_messages(mailbox)]
-        except OSError as exc:
-            log.error("%s cannot list mailbox %s: %s", self.sid, mailbox, exc)
-            self._unlock()
-            raise Reply("-ERR", "SYS/TEMP", "Cannot read the mailbox, try again later") from None
-        log.info("%s pop3 login %s: %d messages", self.sid, mailbox, len(self.maildrop.messages))
-        self.ok("Logged in, %d messages" % len(self.maildrop.messages))
-
-    def _unlock(self) -> None:
-        maildrop, self.maildrop = self.maildrop, None
-        self.app.mailbox_locks.release(maildrop.folder, maildrop.lock_fd)
-
-    def _on_current_file(self, message: POP3Message, action):
-        """Return action(stored) for the message's file, found again by ID if another
-        client (HTTP) moved it since login; None when the message is gone."""
-        for _ in range(2):
-            try:
-                return action(message.stored)
-            except FileNotFoundError:
-                moved = self.app.maildir.find(self.maildrop.mailbox, message.stored.id)
-                if moved is None:
-                    return None
-                message.stored = moved
-        return None
-
-    def _update(self) -> int:
-        """The UPDATE state (RFC 1939 6): remove DELEted messages, mark RETRieved ones seen
-        (moved to cur/ with S added to their flags); return how many could not be changed."""
-        maildir = self.app.maildir
-        failures = removed = seen = 0
-        for message in self.maildrop.messages:
-            if not (message.deleted or message.retrieved):
-                continue
-            try:
-                if message.deleted:
-                    self._on_current_file(message, lambda stored: os.unlink(stored.path))
-                    removed += 1
-                elif self._on_current_file(message, lambda stored: maildir.set_flags(
-                        stored, stored.flags + "S")):
-                    seen += 1
-            except OSError as exc:
-                log.error("%s cannot update %s: %s", self.sid, message.stored.name, exc)
-                failures += 1
-        try:
-            for sub in ("new", "cur") if removed or seen else ():
-                fsync_dir(os.path.join(self.maildrop.folder, sub))
-        except OSError as exc:
-            log.error("%s cannot sync %s: %s", self.sid, self.maildrop.folder, exc)
-            failures += 1
-        log.info("%s pop3 update %s: %d deleted, %d seen", self.sid, self.maildrop.mailbox,
-                 removed, seen)
-        return failures
-
-    def _send_message(self, message: POP3Message, limit: Optional[int] = None) -> None:
-        """Send a message, or its first limit bytes, as a multi-line reply."""
-        try:
-            file = self._on_current_file(message, lambda stored: open(stored.path, "rb"))
-        except OSError as exc:
-            log.error("%s cannot read %s: %s", self.sid, message.stored.name, exc)
-            raise Reply("-ERR", "SYS/TEMP", "Cannot read the message") from None
-        if file is None:
-            raise Reply("-ERR", "", "Message was removed by another client")
-        with file:
-            if limit is not None:
-                limit = _top_length(file, limit)
-                file.seek(0)
-                self.send(b"+OK\r\n")
-            else:
-                self.send(b"+OK %d octets\r\n" % message.octets)
-            for block in _wire_blocks(file, limit):
-                self.send_text(block)
-        self.send_text(b".\r\n")
-
-    # Verbs of the AUTHORIZATION state.
-    def pop_CAPA(self, arg: bytes) -> None:
-        """CAPA: list the capabilities (RFC 2449)."""
-        capabilities = ["TOP", "UIDL", "RESP-CODES", "AUTH-RESP-CODE", "PIPELINING"]
-        if self.may_login():
-            capabilities += ["USER", "SASL PLAIN"]
-        if self.app.tls_context is not None and not self.tls:
-            capabilities.append("STLS")
-        capabilities.append("IMPLEMENTATION minimail")
-        self.ok("Capability list follows", capabilities)
-
-    def pop_STLS(self, arg: bytes) -> None:
-        """STLS: switch to TLS (RFC 2595)."""
-        if self.app.tls_context is None:
-            raise Reply("-ERR", "", "STLS not available")
-        if self.tls or self.maildrop is not None:
-            raise Reply("-ERR", "", "STLS not allowed now")
-        if arg:
-            raise Reply("-ERR", "", "Syntax: STLS")
-        self.ok("Begin TLS negotiation")
-        try:
-            self.start_tls(self.app.tls_context)
-        except (OSError, ValueError) as exc:
-            log.info("%s TLS handshake failed: %s", self.sid, exc.__class__.__name__)
-            self.closing = True
-            return
-        self.user = None            # RFC 2595 4: nothing learned before TLS is kept
-
-    def pop_USER(self, arg: bytes) -> None:
-        """USER name: name the mailbox (a full address) to log in to."""
-        self.require_authorization()
-        if not arg:
-            raise Reply("-ERR", "", "Syntax: USER address")
-        self.user = arg
-        self.ok("Send PASS")
-
-    def pop_PASS(self, arg: bytes) -> None:
-        """PASS password: log in as the USER given before."""
-        self.require_authorization()
-        if self.user is None:
-            raise Reply("-ERR", "", "Send USER first")
-        username, self.user = self.user, None
-        self.login(username, arg)
-
-    def pop_AUTH(self, arg: bytes) -> None:
-        """AUTH PLAIN [initial-response]: log in with SASL (RFC 5034)."""
-        self.require_authorization()
-        if not arg:
-            self.ok("Mechanisms follow", ["PLAIN"])
-            return
-        self.user = None
-        self.login(*self.sasl_login(arg))
-
-    def pop_QUIT(self, arg: bytes) -> None:
-        """QUIT: apply DELE and RETR (in the TRANSACTION state) and end the session."""
-        self.closing = True
-        if self.maildrop is None:
-            self.ok("Bye")
-            return
-        failures = self._update()
-        self._unlock()
-        if failures:
-            raise Reply("-ERR", "SYS/TEMP", "Some messages could not be updated")
-        self.ok("Bye")
-
-    # Verbs of the TRANSACTION state.
-    def pop_STAT(self, arg: bytes) -> None:
-        """STAT: count and total octets of the messages not deleted."""
-        live = self.live_messages()
-        self.ok("%d %d" % (len(live), sum(message.octets for _, message in live)))
-
-    def pop_LIST(self, arg: bytes) -> None:
-        """LIST [n]: the octet count of one message, or of each message."""
-        if arg:
-            number, message = self.message(arg)
-            self.ok("%d %d" % (number, message.octets))
-            return
-        live = self.live_messages()
-        self.ok("%d messages" % len(live),
-                ["%d %d" % (number, message.octets) for number, message in live])
-
-    def pop_UIDL(self, arg: bytes) -> None:
-        """UIDL [n]: the unique-id of one message, or of each message."""
-        if arg:
-            number, message = self.message(arg)
-            self.ok("%d %s" % (number, uidl_of(message.stored.id)))
-            return
-        self.ok("Unique-ids follow", ["%d %s" % (number, uidl_of(message.stored.id))
-                                      for number, message in self.live_messages()])
-
-    def pop_RETR(self, arg: bytes) -> None:
-        """RETR n: send a message."""
-        _, message = self.message(arg)
-        self._send_message(message)
-        message.retrieved = True
-
-    def pop_TOP(self, arg: bytes) -> None:
-        """TOP n lines: send a message's headers and its first lines of body."""
-        words = arg.split()
-        if len(words) != 2 or not words[1].isdigit():
-            raise Reply("-ERR", "", "Syntax: TOP message lines")
-        _, message = self.message(words[0])
-        self._send_message(message, int(words[1]))
-
-    def pop_DELE(self, arg: bytes) -> None:
-        """DELE n: mark a message to be removed at QUIT."""
-        number, message = self.message(arg)
-        message.deleted = True
-        self.ok("Message %d deleted" % number)
-
-    def pop_RSET(self, arg: bytes) -> None:
-        """RSET: unmark the messages marked deleted."""
-        for message in self.require_maildrop().messages:
-            message.deleted = False
-        self.ok("%d messages" % len(self.maildrop.messages))
-
-    def pop_NOOP(self, arg: bytes) -> None:
-        """NOOP: do nothing."""
-        self.require_maildrop()
-        self.ok()
-
-
-# --- Application ----------------------------------------------------------------
+# --- Application ----------------------------------------------------------------------
 
 LISTENERS = (
     ("smtp", SMTPHandler),
@@ -5012,7 +5012,7 @@ def format_addr(address: tuple) -> str:
     return "[%s]:%d" % (host, port) if ":" in host else "%s:%d" % (host, port)
 
 
-# --- Command line ---------------------------------------------------------------
+# --- Command line ---------------------------------------------------------------------
 
 class UsageError(Exception):
     """A command-line error: printed as one line, exit 2."""

@@ -36,7 +36,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 MINIMAIL = os.path.join(HERE, "minimail.py")
 
 
-# --- Helpers and fixtures -------------------------------------------------------
+# --- Helpers and fixtures -------------------------------------------------------------
 
 def wait_for(predicate, timeout=10.0, interval=0.01):
     """Poll predicate until it is true or the deadline passes; return its last value."""
@@ -208,7 +208,7 @@ def client_tls_context():
     return context
 
 
-# --- Config and helpers ---------------------------------------------------------
+# --- Config and helpers ---------------------------------------------------------------
 
 @pytest.mark.parametrize("text, expected", [
     ("1025", ("127.0.0.1", 1025)), ("0.0.0.0:25", ("0.0.0.0", 25)),
@@ -288,7 +288,7 @@ def test_rfc5322_date_has_numeric_zone():
     assert date.split()[3] in ("1969", "1970")
 
 
-# --- SMTP: the normal path --------------------------------------------------------
+# --- SMTP: the normal path ------------------------------------------------------------
 
 def test_smtp_delivers_to_maildir(mail):
     message = b"From: a@sender.test\r\nTo: user@example.test\r\nSubject: hi\r\n\r\nHello.\r\n"
@@ -439,7 +439,7 @@ def test_smtp_help_comes_from_docstrings(mail):
         assert "2.0.0 " + verb in text
 
 
-# --- SMTP: recipient policy ---------------------------------------------------------
+# --- SMTP: recipient policy -----------------------------------------------------------
 
 def test_smtp_relay_denied_for_other_domains(mail):
     with Raw(mail.smtp_port) as client:
@@ -566,7 +566,7 @@ def test_smtp_received_header_names_one_recipient(mail):
     assert b"for <u@example.test>" in stored and b"v@example.test" not in stored
 
 
-# --- SMTP: sizes and limits --------------------------------------------------------------
+# --- SMTP: sizes and limits -----------------------------------------------------------
 
 def test_smtp_declared_size_over_limit_refused_at_mail(make_server):
     app = make_server(max_size=1000)
@@ -741,7 +741,7 @@ def test_smtp_connection_cap(make_server):
         assert again.command(b"NOOP")[0] == 250
 
 
-# --- SMTP: smuggling and line ends --------------------------------------------------
+# --- SMTP: smuggling and line ends ----------------------------------------------------
 
 SMUGGLING = [b"\n.\n", b"\r.\r", b"\n.\r\n", b"\r\n.\n", b"\r.\r\n", b"\r\n.\r", b"\n.\r",
              b"\r\n\x00.\r\n", b"\r\n.\x00\r\n"]
@@ -788,7 +788,7 @@ def test_smtp_terminator_split_across_packets(mail):
     assert body_of(read_stored(mail, "user@example.test")) == b"Subject: s\n\nline\n.x\n\n"
 
 
-# --- SMTP: BDAT (RFC 3030) ----------------------------------------------------------
+# --- SMTP: BDAT (RFC 3030) ------------------------------------------------------------
 
 def test_smtp_bdat_chunks(mail):
     with Raw(mail.smtp_port) as client:
@@ -850,7 +850,7 @@ def test_smtp_bdat_bad_syntax_closes(mail):
         assert client.closed()
 
 
-# --- SMTP: AUTH ---------------------------------------------------------------------
+# --- SMTP: AUTH -----------------------------------------------------------------------
 
 def b64(data):
     return base64.b64encode(data)
@@ -948,7 +948,7 @@ def test_smtp_submission_requires_auth(make_server):
         assert client.command(b"MAIL FROM:<alice@example.test>")[0] == 250
 
 
-# --- SMTP: STARTTLS -----------------------------------------------------------------------
+# --- SMTP: STARTTLS -------------------------------------------------------------------
 
 @pytest.fixture
 def tls_server(make_server, tls_files):
@@ -1005,7 +1005,7 @@ def test_smtp_tls_handshake_garbage_closes_quietly(tls_server):
         assert client.command(b"NOOP")[0] == 250
 
 
-# --- SMTP: concurrency and durability --------------------------------------------------
+# --- SMTP: concurrency and durability -------------------------------------------------
 
 def test_smtp_concurrent_senders_store_every_message_once(mail):
     errors = []
@@ -1060,7 +1060,7 @@ def test_smtp_storage_failure_is_a_temporary_error(mail):
         assert client.command(b"NOOP")[0] == 250
 
 
-# --- App and command line ------------------------------------------------------------
+# --- App and command line -------------------------------------------------------------
 
 def test_app_refuses_non_loopback_submission_without_accounts(tmp_path):
     app = minimail.App(base_config(tmp_path, submission=("0.0.0.0", 0)))
@@ -1198,7 +1198,7 @@ def test_cli_swaks_from_readme(tmp_path):
         process.communicate(timeout=20)
 
 
-# --- Maildir reading -----------------------------------------------------------------
+# --- Maildir reading ------------------------------------------------------------------
 
 def test_maildir_lists_finds_and_flags(mail):
     with smtp_client(mail.smtp_port) as client:
@@ -1234,7 +1234,7 @@ def test_maildir_wire_size_of_foreign_files(tmp_path, content):
         assert message.wire_size() == len(wire), message.name
 
 
-# --- Relay ---------------------------------------------------------------------------
+# --- Relay ----------------------------------------------------------------------------
 
 class FakeSMTP:
     """A scriptable SMTP server that records every message it accepts.
@@ -1822,7 +1822,7 @@ def test_relay_into_real_postfix(make_server, postfix_server):
     assert wait_for(lambda: queue_empty(app))
 
 
-# --- HTTP: page and Mailpit-compatible API ----------------------------------------------
+# --- HTTP: page and Mailpit-compatible API --------------------------------------------
 
 RFC3339_RE = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?[+-]\d\d:\d\d"
 _OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))     # never a proxy
@@ -2496,7 +2496,7 @@ def test_http_index_warms_up_in_the_background(tmp_path):
         assert len(app.mail_index.summaries) == 30
 
 
-# --- POP3 ------------------------------------------------------------------------------
+# --- POP3 -----------------------------------------------------------------------------
 
 class RawPOP3(Raw):
     """A raw-socket POP3 client: status lines, and multi-line bodies exactly as sent."""
@@ -3182,7 +3182,7 @@ def test_pop3_fetchmail_from_readme(tmp_path, pop):
     assert box_files(pop, "me@example.test")["cur"] != []      # kept, and marked seen
 
 
-# --- DNS -----------------------------------------------------------------------------
+# --- DNS ------------------------------------------------------------------------------
 
 # The fake DNS server's own encoder and decoder (uncompressed names), independent of
 # minimail's wire functions.
@@ -4023,7 +4023,7 @@ def test_dns_through_real_dnsmasq(tmp_path):
         process.wait(10)
 
 
-# --- Relay through MX hosts ----------------------------------------------------------
+# --- Relay through MX hosts -----------------------------------------------------------
 
 def mx_relay_server(make_server, dns, port, **overrides):
     fields = dict(users=(RELAY_USER,), retry_delay=0.05, dns=(dns.address,), dns_timeout=0.5,
