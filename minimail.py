@@ -420,6 +420,51 @@ def message_id_of(filename: str) -> str:
     return re.split(r"[,:]", filename, maxsplit=1)[0]
 
 
+@dataclass
+class _FolderSync:
+    """Group-commit state of one directory."""
+    registered: int = 0         # renames announced so far
+    synced: int = 0             # renames known durable
+    syncing: bool = False       # an fsync is running
+    users: int = 0              # callers inside sync(); the state is dropped at zero
+
+
+class DirectorySync:
+    """fsync directories with group commit: one fsync covers every rename made before it
+    began, so concurrent deliveries into one mailbox share their directory flushes."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.done = threading.Condition(self.lock)
+        self.folders = {}       # path -> _FolderSync, only while someone waits on it
+
+    def sync(self, path: str) -> None:
+        """Return once the renames made into path so far are durable (OSError if not)."""
+        with self.lock:
+            state = self.folders.setdefault(path, _FolderSync())
+            state.registered += 1
+            state.users += 1
+            mine = state.registered
+            try:
+                while state.synced < mine:
+                    if state.syncing:           # started before our rename: wait, then retry
+                        self.done.wait()
+                        continue
+                    state.syncing, target = True, state.registered
+                    self.lock.release()
+                    try:
+                        fsync_dir(path)
+                    finally:
+                        self.lock.acquire()
+                        state.syncing = False
+                        self.done.notify_all()
+                    state.synced = max(state.synced, target)
+            finally:
+                state.users -= 1
+                if not state.users:
+                    del self.folders[path]
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -508,6 +553,7 @@ class Maildir:
 
     def __init__(self, root: str):
         self.root = os.path.abspath(root)
+        self.directory_sync = DirectorySync()
         self.wire_sizes = BoundedCache(WIRE_SIZE_CACHE)     # file -> counted wire size
         self.listings = BoundedCache(LISTING_CACHE)         # mailbox -> sized_messages()
 
@@ -766,7 +812,7 @@ class MessageWriter:
                 moved.append(copy.final_path)
                 new_dirs.add(os.path.dirname(copy.final_path))
             for directory in new_dirs:
-                fsync_dir(directory)
+                self.maildir.directory_sync.sync(directory)
         except OSError:
             for path in moved:
                 _unlink_quietly(path)
