@@ -1234,6 +1234,29 @@ def test_maildir_wire_size_of_foreign_files(tmp_path, content):
         assert message.wire_size() == len(wire), message.name
 
 
+def test_maildir_directory_sync_group_commit(tmp_path):
+    syncer = minimail.DirectorySync()
+    folder = str(tmp_path)
+    errors = []
+
+    def work():
+        try:
+            for _ in range(50):
+                syncer.sync(folder)
+        except OSError as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == [] and syncer.folders == {}
+    with pytest.raises(OSError):
+        syncer.sync(str(tmp_path / "missing"))
+    assert syncer.folders == {}
+
+
 # --- Relay ----------------------------------------------------------------------------
 
 class FakeSMTP:
@@ -4098,25 +4121,3 @@ def test_relay_mx_dns_timeout_defers(make_server, fake_dns):
     assert queue.load(queue.ids()[0]).recipients[0].last_error
     assert delivered(app, "alice@example.test") == []              # no bounce for a 4xx
 
-
-def test_maildir_directory_sync_group_commit(tmp_path):
-    syncer = minimail.DirectorySync()
-    folder = str(tmp_path)
-    errors = []
-
-    def work():
-        try:
-            for _ in range(50):
-                syncer.sync(folder)
-        except OSError as exc:
-            errors.append(exc)
-
-    threads = [threading.Thread(target=work) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
-    assert errors == [] and syncer.folders == {}
-    with pytest.raises(OSError):
-        syncer.sync(str(tmp_path / "missing"))
-    assert syncer.folders == {}
