@@ -312,6 +312,8 @@ _DOMAIN = r"[A-Za-z0-9\-.\u0080-\U0010ffff]+|\[[A-Za-z0-9:.\-]+\]"
 MAILBOX_RE = re.compile(r"(%s|%s)@(%s)" % (_LOCAL_ATOM, _LOCAL_QUOTED, _DOMAIN))
 LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
 UNSAFE_FOLDER_RE = re.compile(r"[/\\\x00-\x1f\x7f]")
+CONTROL_RE = re.compile(r"[\x00-\x1f\x7f]")
+MIME_TYPE_RE = re.compile(r"[a-z0-9][a-z0-9!#$&^_.+\-]*/[a-z0-9][a-z0-9!#$&^_.+\-]*")   # RFC 6838
 
 
 def normalize_domain(domain: str) -> str:
@@ -701,6 +703,7 @@ class MessageWriter:
         self.header_pending = b""
         self.max_size = 0
         self.oversized = False
+        self.failed = None          # the OSError that stopped storing; reported after the data
 
     def open(self, max_size: int) -> None:
         self.max_size = max_size
@@ -736,6 +739,8 @@ class MessageWriter:
         if self.size > self.max_size:
             self.oversized = True
             return
+        if self.failed is not None:     # keep reading the client's data, store nothing
+            return
         if not self.eight_bit and not data.isascii():
             self.eight_bit = True
         if self.held_cr:
@@ -764,7 +769,10 @@ class MessageWriter:
             if self.header_pending:
                 data = self.header_pending + data
                 self.header_pending = b""
-            _write_all(self.fd, data)       # one write per socket read: no copy held
+            try:
+                _write_all(self.fd, data)   # one write per socket read: no copy held
+            except OSError as exc:          # disk full, quota: answered 451 after the data
+                self.failed = exc
 
     def finish(self) -> None:
         """Flush the end of the data: a held CR becomes LF and the last line ends in LF."""
@@ -784,6 +792,8 @@ class MessageWriter:
         first = self.copies[0]
         moved = []
         try:
+            if self.failed is not None:
+                raise self.failed
             if self.header_pending:
                 _write_all(self.fd, self.header_pending)
                 self.header_pending = b""
@@ -2155,6 +2165,8 @@ class SMTPHandler(LineHandler):
                 local, domain = parse_mailbox(path)
             except ValueError:
                 raise Reply(501, "5.1.7", "Bad sender address syntax") from None
+            if CONTROL_RE.search(local):        # it would go into Return-Path: and logs
+                raise Reply(553, "5.1.7", "Control characters in sender address")
             path = "%s@%s" % (local, domain) if '"' not in path else path
         self.envelope.sender = path
         self.envelope.smtputf8 = smtputf8
@@ -2265,14 +2277,14 @@ class SMTPHandler(LineHandler):
         """Choose the message ID and open the first copy's file in tmp/."""
         envelope = self.envelope
         message_id = self.app.ids.new()
-        received = self._received_header(message_id)
+        date = rfc5322_date()
         copies = []
         for mailbox in envelope.mailboxes:
             copies.append(_Copy(mailbox, mailbox_header(
-                envelope.sender, mailbox, received % (" for <%s>" % mailbox))))
+                envelope.sender, mailbox, self._received_header(message_id, mailbox, date))))
         if envelope.relay:
-            only = " for <%s>" % envelope.relay[0].address if len(envelope.relay) == 1 else ""
-            copies.append(_Copy(None, (received % only).encode("utf-8")))
+            only = envelope.relay[0].address if len(envelope.relay) == 1 else None
+            copies.append(_Copy(None, self._received_header(message_id, only, date).encode("utf-8")))
         writer = MessageWriter(self.app.maildir, self.app.queue, message_id, copies)
         try:
             writer.open(self.config.max_size)
@@ -2282,11 +2294,11 @@ class SMTPHandler(LineHandler):
             raise Reply(451, "4.3.0", "Local storage error, try again later") from None
         return writer
 
-    def _received_header(self, message_id: str) -> str:
-        """The Received: header (RFC 5321 4.4), with %s where the 'for' clause goes."""
-        return "Received: from %s (%s)\n\tby %s (minimail) with %s id %s%%s;\n\t%s\n" % (
+    def _received_header(self, message_id: str, recipient: Optional[str], date: str) -> str:
+        """The Received: header (RFC 5321 4.4); 'for' names this copy's recipient, if one."""
+        return "Received: from %s (%s)\n\tby %s (minimail) with %s id %s%s;\n\t%s\n" % (
             self.helo, address_literal(self.peer_ip), self.config.hostname,
-            self.protocol_name(), message_id, rfc5322_date())
+            self.protocol_name(), message_id, " for <%s>" % recipient if recipient else "", date)
 
     def _finish_message(self, writer: MessageWriter) -> None:
         """Check the complete message, make it durable, and give the final reply."""
@@ -2699,6 +2711,10 @@ class Relay:
             delay_s = min(config.retry_delay * 2 ** (entry.attempts - 1), RETRY_DELAY_MAX_S)
             entry.next_try = min(time.time() + delay_s, entry.created + config.queue_lifetime)
             self.queue.save(entry)
+        elif any(rcpt.state == "failed" for rcpt in entry.recipients):
+            # The bounce could not be stored: keep the entry and try the bounce again.
+            entry.next_try = time.time() + config.retry_delay
+            self.queue.save(entry)
         else:
             self._forget(entry)
 
@@ -2714,6 +2730,13 @@ class Relay:
         if domain is None:
             host, port = self.config.smarthost
             return [(host, [host], port)]
+        if domain.startswith("["):                  # an address literal, RFC 5321 4.1.3
+            literal = domain[1:-1]
+            literal = literal[5:] if literal[:5].lower() == "ipv6:" else literal
+            try:
+                return [(domain, [str(ipaddress.ip_address(literal))], self.config.mx_port)]
+            except ValueError:
+                raise PermFail("%s is not an IP address literal" % domain) from None
         return [(mx.host, list(mx.addresses), self.config.mx_port)
                 for mx in self.app.resolver.resolve_mx(domain)]
 
@@ -2763,7 +2786,7 @@ class Relay:
                     client.starttls(host)
                     features = self._hello(client)
             if self.config.smarthost and self.config.smarthost_auth:
-                self._authenticate(client, features, address)
+                self._authenticate(client, features)
             needs = [("SMTPUTF8", entry.smtputf8, "5.6.7", "does not support SMTPUTF8"),
                      ("8BITMIME", entry.eight_bit, "5.6.3", "does not accept 8-bit data")]
             for feature, needed, status, text in needs:
@@ -2828,10 +2851,11 @@ class Relay:
             raise _HostFailure("HELO refused: %d %s" % (code, " ".join(lines)))
         return {}
 
-    def _authenticate(self, client: SMTPClient, features: dict, address: str) -> None:
+    def _authenticate(self, client: SMTPClient, features: dict) -> None:
         """AUTH at the smarthost, only inside TLS or to a loopback host (SPEC 7)."""
-        if not (client.tls or self.config.is_loopback(address)):
-            log.info("relay: not sending smarthost credentials without TLS to %s", address)
+        peer = client.sock.getpeername()[0]      # the address connected to, even for a name
+        if not (client.tls or self.config.is_loopback(peer)):
+            log.info("relay: not sending smarthost credentials without TLS to %s", peer)
             return
         user, password = self.config.smarthost_auth
         mechanisms = features.get("AUTH", "").upper().split()
@@ -2875,10 +2899,13 @@ class Relay:
         if entry.sender:
             try:
                 bounce_id = self.app.store_generated("", entry.sender, self._dsn(entry, failed))
+                log.info("relay %s: bounce %s sent to <%s>", entry.id, bounce_id, entry.sender)
             except (OSError, ValueError) as exc:
-                log.error("relay %s: cannot store the bounce: %s", entry.id, exc)
-                return      # the recipients stay failed: the next attempt tries again
-            log.info("relay %s: bounce %s sent to <%s>", entry.id, bounce_id, entry.sender)
+                if time.time() < entry.created + self.config.queue_lifetime:
+                    log.error("relay %s: cannot store the bounce, will retry: %s", entry.id, exc)
+                    return      # the recipients stay failed: the entry is kept and retried
+                log.error("relay %s: bounce to <%s> dropped after the queue lifetime: %s",
+                          entry.id, entry.sender, exc)
         else:
             log.info("relay %s: undeliverable mail from the null sender dropped", entry.id)
         for rcpt in failed:
@@ -3521,8 +3548,9 @@ class MessageIndex:
                 if message_id not in by_id:
                     self._log_event("delete", message_id, entry.mailboxes)
         for cache in (self.summaries, self.created):
-            for message_id in [key for key in cache if key not in by_id]:
-                del cache[message_id]
+            # list() copies the keys at once: request threads add parsed summaries meanwhile.
+            for message_id in [key for key in list(cache) if key not in by_id]:
+                cache.pop(message_id, None)
         self.entries, self.by_id, self.scanned = entries, by_id, True
         if self.seq != logged:
             self.poke()
@@ -3581,6 +3609,9 @@ class MessageIndex:
                 self.parsed(entry)
         except OSError as exc:
             log.warning("http index warm-up stopped: %s", exc)
+        except Exception as exc:        # a bug: one log line, never a thread traceback
+            log.error("http index warm-up failed: %s", exc.__class__.__name__)
+            log.debug("traceback", exc_info=True)
 
     # Reading and changing messages.
     def read(self, entry: MailEntry) -> Optional[tuple]:
@@ -3601,13 +3632,7 @@ class MessageIndex:
             loaded = self.read(entry)
             if loaded is None:
                 return None
-            try:
-                fields = summary_fields(parse_message(loaded[1]))
-            except (LookupError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
-                log.error("http cannot parse message %s: %s", entry.id, exc.__class__.__name__)
-                log.debug("traceback", exc_info=True)
-                fields = summary_fields(parse_message(b"Subject: (unparsable message)\n\n"))
-                fields["Size"] = len(loaded[1])
+            fields = summary_fields(parse_message_safely(entry.id, loaded[1]))
             self.summaries[entry.id] = fields
         return fields
 
@@ -3821,6 +3846,8 @@ def parse_message(data: bytes) -> dict:
         content_type = part.get_content_type()
         if content_type.startswith("multipart/"):       # no boundary: shown as text
             content_type = "text/plain"
+        elif not MIME_TYPE_RE.fullmatch(content_type):  # folded or odd: never into an HTTP header
+            content_type = "application/octet-stream"
         disposition = part.get_content_disposition()
         filename = decode_header_text(part.get_filename() or "")
         content = _part_content(part)
@@ -3846,6 +3873,19 @@ def parse_message(data: bytes) -> dict:
     fields.update(Text=text if text is not None else html_to_text(html or ""), HTML=html or "",
                   Inline=inline, Attachments=attachments, Headers=message.items(), Parts=parts)
     return fields
+
+
+def parse_message_safely(message_id: str, data: bytes) -> dict:
+    """parse_message, or a placeholder of the right size for a message the email package
+    cannot take (deep nesting, odd charsets): logged, never a 500."""
+    try:
+        return parse_message(data)
+    except (LookupError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
+        log.error("http cannot parse message %s: %s", message_id, exc.__class__.__name__)
+        log.debug("traceback", exc_info=True)
+        fields = parse_message(b"Subject: (unparsable message)\n\n")
+        fields["Size"] = len(data)
+        return fields
 
 
 def summary_fields(fields: dict) -> dict:
@@ -3928,7 +3968,7 @@ def search_matches(terms: list, entry: MailEntry, index: MessageIndex) -> bool:
         if kind in ("is:read", "is:unread"):
             hit = entry.read == (kind == "is:read")
         elif kind == "mailbox:":
-            hit = any(value in mailbox for mailbox in entry.mailboxes)
+            hit = value in entry.mailboxes          # a mailbox's name, exactly
         else:
             fields = index.parsed(entry)
             if fields is None:
@@ -4093,9 +4133,24 @@ class WebRequests:
             if referer != expected and not referer.startswith(expected + "/"):
                 raise _http_error(403, "Cross-origin request refused\n")
 
+    def check_host(self) -> None:
+        """Without logins, answer only requests addressed to an IP address, localhost or our
+        hostname: a page whose name rebinds to 127.0.0.1 cannot read or delete the mail."""
+        host = self.headers.get("Host", "").strip().lower()
+        name = host.rpartition(":")[0] if re.search(r":\d+$", host) else host
+        name = name.strip("[]")
+        if not name or name in ("localhost", self.config.hostname.lower()) \
+                or name.endswith(".localhost"):
+            return
+        try:
+            ipaddress.ip_address(name)
+        except ValueError:
+            raise _http_error(403, "Host not allowed\n") from None
+
     def authorize(self):
         """The mailboxes this request may see (None: all); HTTP Basic off loopback (RFC 7617)."""
         if not self.needs_auth:
+            self.check_host()
             return None
         scheme, _, credentials = self.headers.get("Authorization", "").partition(" ")
         if scheme.lower() == "basic":
@@ -4187,7 +4242,12 @@ class WebRequests:
                         fields[key] = value
         except (ValueError, RecursionError):     # UnicodeDecodeError, JSONDecodeError too
             raise _http_error(400, "Cannot parse the request body\n") from None
-        ids, read, search = fields.get("ids") or [], fields.get("read", False), fields.get("search") or ""
+        # A missing or null IDs means every message; any other non-list is an error.
+        ids = fields.get("ids")
+        ids = [] if ids is None else ids
+        read = fields.get("read", False)
+        search = fields.get("search")
+        search = "" if search is None else search
         if not isinstance(ids, list) or not all(isinstance(item, str) for item in ids) \
                 or not isinstance(read, bool) or not isinstance(search, str):
             raise _http_error(400, "IDs must be a list of strings, Read a boolean, Search a string\n")
@@ -4219,7 +4279,7 @@ class WebRequests:
         loaded = self.index.read(entry)
         if loaded is None:
             raise _http_error(404, "404 page not found\n")
-        return entry, parse_message(loaded[1])
+        return entry, parse_message_safely(entry.id, loaded[1])
 
     def matching(self, query: str) -> list:
         terms = parse_search(query)
@@ -4239,9 +4299,17 @@ class WebRequests:
 
     def search_query(self) -> str:
         query = self.query.get("query", "").strip()
-        if not query:
+        if not parse_search(query):     # blank, or only quotes: never "everything"
             raise _http_error(400, "Error: no search query\n")
         return query
+
+    def matching_copies(self, query: str) -> list:
+        """The entries a query matches, limited to the copies in the mailboxes it names
+        (mailbox:X), so acting on one mailbox's list never touches another mailbox."""
+        named = {value for negated, kind, value in parse_search(query)
+                 if kind == "mailbox:" and not negated}
+        return [entry for entry in (scoped(entry, named or None) for entry in self.matching(query))
+                if entry is not None]
 
     # Routes.
     def web_page(self) -> None:
@@ -4287,13 +4355,13 @@ class WebRequests:
         self.send_json(self.summaries(self.entries(), self.matching(query)))
 
     def web_delete_search(self) -> None:
-        self.index.delete(self.matching(self.search_query()))
+        self.index.delete(self.matching_copies(self.search_query()))
         self.ok()
 
     def web_set_read(self) -> None:
         body = self.read_ids_body()
         if body["Search"]:
-            entries = self.matching(body["Search"])
+            entries = self.matching_copies(body["Search"])
         elif body["IDs"]:
             entries = self.by_ids(body["IDs"])
         else:
@@ -4995,10 +5063,9 @@ class App:
         local, domain = parse_mailbox(address)
         folder = "%s@%s" % (local.lower(), domain)
         is_local = domain in config.local_domains or config.catch_all
-        if is_local and config.accounts and folder not in config.accounts and not config.catch_all:
+        if is_local and (not is_safe_folder(folder) or config.accounts and not config.catch_all
+                         and folder not in config.accounts):
             folder = "postmaster@%s" % config.domains[0]    # no such mailbox: tell postmaster
-        if is_local and not is_safe_folder(folder):
-            raise ValueError("unsafe mailbox name %r" % folder)
         message_id = self.ids.new()
         received = "Received: by %s (minimail) id %s for <%s>;\n\t%s\n" % (
             config.hostname, message_id, address, rfc5322_date())

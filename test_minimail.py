@@ -439,6 +439,53 @@ def test_smtp_help_comes_from_docstrings(mail):
         assert "2.0.0 " + verb in text
 
 
+
+@pytest.mark.parametrize("helo", [b"x%sy", b"fe80::1%eth0", b"100%%"])
+def test_smtp_percent_signs_in_trace_values(make_server, helo):
+    app = make_server(hostname="host%sname")
+    with Raw(app.smtp_port) as client:
+        assert client.command(b"EHLO " + helo)[0] == 250
+        assert client.command(b"MAIL FROM:<a@sender.test>")[0] == 250
+        assert client.command(b"RCPT TO:<u@example.test>")[0] == 250
+        assert client.command(b"DATA")[0] == 354
+        assert client.command(b"x\r\n.")[0] == 250
+    stored = read_stored(app, "u@example.test")
+    assert b"Received: from " + helo + b" ([127.0.0.1])\n\tby host%sname (minimail)" in stored
+
+
+def test_smtp_control_characters_in_sender_refused(mail):
+    with Raw(mail.smtp_port) as client:
+        assert client.command(b"EHLO c")[0] == 250
+        code, lines = client.command(b'MAIL FROM:<"a\\\x1b[31mb"@sender.test>')
+        assert (code, lines[0][4:9]) == (553, "5.1.7")
+
+
+def test_smtp_storage_full_during_data_is_a_451_after_the_data(tmp_path):
+    """A write error (here: the file size limit) is answered once the data has ended."""
+    script = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (200000, 200000)); "
+              "sys.path.insert(0, %r); import minimail; sys.exit(minimail.main(sys.argv[1:]))" % HERE)
+    process = subprocess.Popen([sys.executable, "-c", script, "--maildir", str(tmp_path / "md"),
+                                "--domain", "example.test", "--smtp", "127.0.0.1:0", "--pop3", "off",
+                                "--http", "off"], stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True)
+    try:
+        lines = [process.stderr.readline() for _ in range(2)]
+        port = int([line for line in lines if " smtp listening on " in line][0].rsplit(":", 1)[1])
+        with Raw(port) as client:
+            transaction(client)
+            assert client.command(b"DATA")[0] == 354
+            client.send(b"Subject: big\r\n\r\n" + (b"y" * 998 + b"\r\n") * 400 + b".\r\n")
+            code, lines = client.read_reply()
+            assert (code, lines[0][4:9]) == (451, "4.3.0")
+            assert client.command(b"NOOP")[0] == 250
+        assert not os.listdir(tmp_path / "md" / "user@example.test" / "new")
+        assert not os.listdir(tmp_path / "md" / "user@example.test" / "tmp")
+    finally:
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=20)[1]
+    assert "Traceback" not in rest and "storing message failed" in rest
+
+
 # --- SMTP: recipient policy -----------------------------------------------------------
 
 def test_smtp_relay_denied_for_other_domains(mail):
@@ -1601,6 +1648,42 @@ def test_relay_uses_starttls_when_offered(make_server, fake_smtp, tls_files):
     assert message["tls"] is True and message["auth"] == ("relayuser", "relaypass")
 
 
+
+def test_relay_smarthost_by_name_on_loopback_gets_credentials(make_server, fake_smtp):
+    fake = fake_smtp(auth=("relayuser", "relaypass"))
+    app = relay_server(make_server, fake, smarthost=("localhost", fake.port),
+                       smarthost_auth=("relayuser", "relaypass"))
+    send_authenticated(app, ["bob@remote.test"])
+    assert fake.wait_messages(1)[0]["auth"] == ("relayuser", "relaypass")
+
+
+def test_relay_to_an_address_literal(make_server, fake_smtp):
+    fake = fake_smtp(host="127.0.0.2")
+    app = make_server(users=(RELAY_USER,), mx_port=fake.port, retry_delay=0.05)
+    send_authenticated(app, ["bob@[127.0.0.2]"])
+    assert fake.wait_messages(1)[0]["rcpts"] == ["bob@[127.0.0.2]"]
+
+
+def test_relay_bounce_that_cannot_be_stored_is_kept_and_retried(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "550 5.1.1 no such user")
+    app = relay_server(make_server, fake, retry_delay=0.3)
+    box = os.path.join(app.maildir.root, "alice@example.test")
+    os.makedirs(os.path.join(box, "new"))
+    os.makedirs(os.path.join(box, "cur"))
+    with open(os.path.join(box, "tmp"), "w") as file:       # the bounce cannot be written
+        file.write("in the way")
+    send_authenticated(app, ["bob@remote.test"])
+    queue = app.queue
+    assert wait_for(lambda: queue.ids() and queue.load(queue.ids()[0]).recipients[0].state == "failed")
+    assert wait_for(lambda: queue.load(queue.ids()[0]).attempts >= 1 and queue.ids())
+    os.unlink(os.path.join(box, "tmp"))
+    os.mkdir(os.path.join(box, "tmp"))
+    fields, = dsn_fields(read_dsn(app, "alice@example.test"))
+    assert fields["Status"] == "5.1.1"
+    assert wait_for(lambda: queue_empty(app))
+
+
 def test_relay_helo_fallback_and_size_parameter(make_server, fake_smtp):
     fake = fake_smtp(ehlo=False)
     app = relay_server(make_server, fake)
@@ -2440,7 +2523,7 @@ def test_http_connection_cap_answers_503(make_server):
     app = make_server(http=("127.0.0.1", 0), max_connections=1)
     holder = socket.create_connection(("127.0.0.1", app.http_port), timeout=5)
     try:
-        holder.sendall(b"GET /livez HTTP/1.1\r\nHost: x\r\n\r\n")      # keep-alive: stays open
+        holder.sendall(b"GET /livez HTTP/1.1\r\nHost: localhost\r\n\r\n")      # keep-alive: stays open
         assert holder.recv(65536).startswith(b"HTTP/1.1 200 ")
         with socket.create_connection(("127.0.0.1", app.http_port), timeout=5) as refused:
             data = b""
@@ -2458,11 +2541,11 @@ def test_http_connection_cap_answers_503(make_server):
     (b"GARBAGE\r\n\r\n", 400),
     (b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n", 414),
     (b"GET / HTTP/1.1\r\nX: " + b"a" * 70000 + b"\r\n\r\n", 431),
-    (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999\r\n\r\n", 413),
-    (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
-    (b"PATCH /api/v1/messages HTTP/1.1\r\nHost: x\r\n\r\n", 501),
-    (b"POST /api/v1/messages HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n", 405),
-    (b"GET /nothing/here HTTP/1.1\r\nHost: x\r\n\r\n", 404),
+    (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 99999999\r\n\r\n", 413),
+    (b"DELETE /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n", 411),
+    (b"PATCH /api/v1/messages HTTP/1.1\r\nHost: localhost\r\n\r\n", 501),
+    (b"POST /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\n\r\n", 405),
+    (b"GET /nothing/here HTTP/1.1\r\nHost: localhost\r\n\r\n", 404),
 ])
 def test_http_bad_requests_get_one_error(web, request_bytes, status):
     send_message(web, b"Subject: keep\r\n\r\nx\r\n")
@@ -2517,6 +2600,60 @@ def test_http_index_warms_up_in_the_background(tmp_path):
     with running(base_config(tmp_path, http=("127.0.0.1", 0))) as app:
         assert wait_for(lambda: warmed_up(app), timeout=10)
         assert len(app.mail_index.summaries) == 30
+
+
+
+def test_http_refuses_foreign_host_names_without_logins(make_server):
+    """A DNS-rebinding page (its name resolving to 127.0.0.1) must not read the mail."""
+    app = make_server(http=("127.0.0.1", 0))
+    with smtp_client(app.smtp_port) as client:
+        client.sendmail("a@sender.test", ["u@example.test"], b"Subject: secret\r\n\r\nx\r\n")
+    for host, status in (("rebind.evil.test:%d" % app.http_port, 403), ("localhost", 200),
+                         ("127.0.0.1:%d" % app.http_port, 200), ("[::1]", 200),
+                         ("mx.example.test", 200), ("app.localhost", 200)):
+        with Raw(app.http_port, greeting=False) as client:
+            client.send(b"GET /api/v1/messages HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+                        % host.encode())
+            assert client.read_line().split()[1] == str(status).encode(), host
+
+
+@pytest.mark.parametrize("body", [b'{"IDs": ""}', b'{"IDs": {}}', b'{"IDs": 0}', b'{"IDs": false}',
+                                  b'{"IDs": "abc"}', b'{"Search": 5}'])
+def test_http_wrong_types_never_mean_everything(make_server, body):
+    app = make_server(http=("127.0.0.1", 0))
+    with smtp_client(app.smtp_port) as client:
+        client.sendmail("a@sender.test", ["u@example.test"], b"Subject: keep\r\n\r\nx\r\n")
+    request = urllib.request.Request("http://127.0.0.1:%d/api/v1/messages" % app.http_port,
+                                     data=body, method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        _OPENER.open(request, timeout=5)
+    assert failure.value.code == 400
+    failure.value.close()
+    assert len(delivered(app, "u@example.test")) == 1
+    request = urllib.request.Request("http://127.0.0.1:%d/api/v1/search?query=%%22%%22" % app.http_port,
+                                     method="DELETE")
+    with pytest.raises(urllib.error.HTTPError) as failure:
+        _OPENER.open(request, timeout=5)
+    assert failure.value.code == 400
+    failure.value.close()
+    assert len(delivered(app, "u@example.test")) == 1
+
+
+def test_http_mailbox_search_acts_on_that_mailbox_only(make_server):
+    app = make_server(http=("127.0.0.1", 0))
+    with smtp_client(app.smtp_port) as client:
+        client.sendmail("a@sender.test", ["bob@example.test"], b"Subject: 1\r\n\r\nx\r\n")
+        client.sendmail("a@sender.test", ["jimbob@example.test"], b"Subject: 2\r\n\r\nx\r\n")
+        client.sendmail("a@sender.test", ["bob@example.test", "alice@example.test"], b"Subject: 3\r\n\r\nx\r\n")
+    url = "http://127.0.0.1:%d/api/v1/search?query=%s" % (
+        app.http_port, urllib.parse.quote('mailbox:"bob@example.test"'))
+    with _OPENER.open(url, timeout=5) as response:
+        assert json.load(response)["messages_count"] == 2
+    with _OPENER.open(urllib.request.Request(url, method="DELETE"), timeout=5) as response:
+        assert response.status == 200
+    assert delivered(app, "bob@example.test") == []
+    assert len(delivered(app, "jimbob@example.test")) == 1
+    assert len(delivered(app, "alice@example.test")) == 1
 
 
 # --- POP3 -----------------------------------------------------------------------------
