@@ -64,7 +64,7 @@ RECV_SIZE = 32 * 1024               # one socket read: larger reads gain nothing
 # Linux copies SO_RCVTIMEO/SO_SNDTIMEO from a listening socket to the sockets it accepts.
 SOCKET_TIMEOUTS_INHERITED = sys.platform.startswith("linux")
 IDLE_THREAD_S = 10.0                # a connection thread waits this long for the next one
-WRITE_BUFFER = 256 * 1024           # buffered writes of message files, and of replies
+WRITE_BUFFER = 256 * 1024           # replies collected before one send
 READ_BLOCK = 64 * 1024              # one read of a message file
 WIRE_SIZE_CACHE = 100_000           # remembered wire sizes of untagged message files
 LISTING_CACHE = 50_000              # messages in remembered mailbox listings
@@ -136,7 +136,13 @@ class TempFail(Exception):
 
 
 class PermFail(Exception):
-    """A permanent failure (NXDOMAIN, null MX, 5xx reply): give up and bounce."""
+    """A permanent failure (NXDOMAIN, null MX, 5xx reply): give up and bounce.
+
+    status is the enhanced status (RFC 3463) a bounce reports, when the cause has one."""
+
+    def __init__(self, text: str, status: Optional[str] = None):
+        super().__init__(text)
+        self.status = status
 
 
 class ConfigError(Exception):
@@ -1273,11 +1279,11 @@ class Resolver:
         if not answer.exists:
             raise PermFail("domain %s does not exist (NXDOMAIN)" % name)
         if any(exchange == "" for _, exchange in answer.records):
-            raise _permanent("domain %s accepts no mail (null MX, RFC 7505)" % name, "5.1.10")
+            raise PermFail("domain %s accepts no mail (null MX, RFC 7505)" % name, "5.1.10")
         if answer.records:
             hosts = _order_mx_hosts(answer.records)
             if not hosts:
-                raise _permanent("no MX record of %s names a valid host" % name, "5.4.4")
+                raise PermFail("no MX record of %s names a valid host" % name, "5.4.4")
             if not addresses:
                 return hosts
             del hosts[DNS_MAX_MX_HOSTS:]
@@ -1294,8 +1300,8 @@ class Resolver:
         if errors:
             raise TempFail("no address found for the mail hosts of %s: %s" % (name, errors[0]))
         if answer.records:
-            raise _permanent("no MX host of %s has an address record" % name, "5.4.4")
-        raise _permanent("domain %s has no MX and no address record" % name, "5.4.4")
+            raise PermFail("no MX host of %s has an address record" % name, "5.4.4")
+        raise PermFail("domain %s has no MX and no address record" % name, "5.4.4")
 
     def _addresses(self, host: str, errors: list) -> list:
         """The A then AAAA addresses of a host; temporary failures are added to errors."""
@@ -1455,13 +1461,6 @@ class Resolver:
         with self.lock:
             self.resolv_conf = (stamp, settings)
         return settings
-
-
-def _permanent(text: str, status: str) -> PermFail:
-    """A PermFail with the enhanced status (RFC 3463) its bounce reports; 5.1.2 without."""
-    error = PermFail(text)
-    error.status = status
-    return error
 
 
 def _question_text(name: str, qtype: int) -> str:
@@ -2124,7 +2123,7 @@ class SMTPHandler(LineHandler):
 
     def _greet(self, arg: bytes, esmtp: bool) -> None:
         text = self.decode_arg(arg).strip()
-        if not text or " " in text:
+        if not text or " " in text or CONTROL_RE.search(text):     # it goes into Received:
             raise Reply(501, "5.5.4", "Syntax: %s hostname" % ("EHLO" if esmtp else "HELO"))
         self.helo = text
         self.esmtp = esmtp
@@ -2146,12 +2145,12 @@ class SMTPHandler(LineHandler):
         smtputf8 = False
         for name, value in params:
             if name == "SIZE":
-                if not value.isdigit():
+                if value is None or not value.isdigit():
                     raise Reply(501, "5.5.4", "Bad SIZE parameter")
                 if int(value) > self.config.max_size:
                     raise Reply(552, "5.3.4", "Message size exceeds fixed limit")
             elif name == "BODY":
-                if value.upper() not in ("7BIT", "8BITMIME"):
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
                     raise Reply(501, "5.5.4", "Unsupported BODY type")
             elif name == "SMTPUTF8" and value is None:
                 smtputf8 = True
@@ -2326,7 +2325,7 @@ class SMTPHandler(LineHandler):
             raise Reply(451, "4.3.0", "Local storage error, try again later") from None
         log.info("%s accept id=%s from=<%s> rcpts=%s size=%d", self.sid, writer.message_id,
                  envelope.sender, ",".join(envelope.recipients), writer.size)
-        self.app.notify_new(writer.message_id, envelope.mailboxes, writer.size)
+        self.app.notify_new(writer.size)
         self.reply(250, "2.0.0", "Ok: queued as %s" % writer.message_id)
 
     def smtp_BDAT(self, arg: bytes) -> None:
@@ -2578,6 +2577,7 @@ class Relay:
         self.stopping = False
         self.lock_fd = None
         self.scheduler = None
+        self.flushes = 0            # flush() calls so far: one during an attempt still counts
 
     def start(self) -> None:
         self.scheduler = threading.Thread(target=self._schedule, name="relay", daemon=True)
@@ -2607,6 +2607,7 @@ class Relay:
     def flush(self) -> None:
         """Retry every entry now (SIGUSR1)."""
         with self.lock:
+            self.flushes += 1
             for entry in self.entries.values():
                 entry.next_try = 0.0
             self.changed.notify_all()
@@ -2673,6 +2674,8 @@ class Relay:
             log.info("relay: resuming %d queued message(s)", resumed)
 
     def _work(self, entry: QueueEntry) -> None:
+        with self.lock:
+            flushes = self.flushes
         try:
             self.attempt(entry)
         except Exception as exc:        # a bug must not stop the relay; retry later
@@ -2681,6 +2684,8 @@ class Relay:
             entry.next_try = time.time() + self.config.retry_delay
         finally:
             with self.lock:
+                if self.flushes != flushes:     # asked to retry while this attempt ran
+                    entry.next_try = 0.0
                 self.busy.discard(entry.id)
                 self.changed.notify_all()
 
@@ -2748,7 +2753,7 @@ class Relay:
             routes = self._routes(domain)
         except PermFail as exc:
             for rcpt in group:
-                self._fail(rcpt, getattr(exc, "status", "5.1.2"), "X-Minimail; %s" % exc)
+                self._fail(rcpt, exc.status or "5.1.2", "X-Minimail; %s" % exc)
             return
         except TempFail as exc:
             for rcpt in group:
@@ -3236,15 +3241,11 @@ class POP3Handler(LineHandler):
     def _on_current_file(self, message: POP3Message, action):
         """Return action(stored) for the message's file, found again by ID if another
         client (HTTP) moved it since login; None when the message is gone."""
-        for _ in range(2):
-            try:
-                return action(message.stored)
-            except FileNotFoundError:
-                moved = self.app.maildir.find(self.maildrop.mailbox, message.stored.id)
-                if moved is None:
-                    return None
-                message.stored = moved
-        return None
+        def act(stored: StoredMessage):
+            result = action(stored)
+            message.stored = stored         # remember where it was found
+            return result
+        return self.app.maildir.follow(message.stored, act)
 
     def _update(self) -> int:
         """The UPDATE state (RFC 1939 6): remove DELEted messages, mark RETRieved ones seen
@@ -3581,7 +3582,7 @@ class MessageIndex:
             self.notices += 1
             self.changed.notify_all()
 
-    def notify_new(self, message_id: str, mailboxes: list, size: int) -> None:
+    def notify_new(self, size: int) -> None:
         """Count a delivery of this process and wake the waiters."""
         with self.changed:
             self.stats["SMTPAccepted"] += 1
@@ -4488,7 +4489,8 @@ class WebRequests:
         after_key = self.entry(after).sort_key() if after else None
         seen = self.index.notices
         while True:
-            for entry in self.entries():
+            entries = self.entries()
+            for entry in entries:
                 if after_key is not None and entry.sort_key() <= after_key:
                     break
                 if search_matches(terms, entry, self.index):
@@ -4496,6 +4498,8 @@ class WebRequests:
                     if summary is not None:
                         self.send_json(summary)
                         return
+            if entries and (after_key is None or entries[0].sort_key() > after_key):
+                after_key = entries[0].sort_key()   # from now on, only arrivals can match
             remaining = deadline - time.monotonic()
             if self.index.closed:
                 raise _http_error(503, "Server stopping\n")
@@ -5030,10 +5034,10 @@ class App:
     def http_port(self) -> int:
         return self.address("http")[1]
 
-    def notify_new(self, message_id: str, mailboxes: list, size: int) -> None:
+    def notify_new(self, size: int) -> None:
         """Tell waiting web clients that a message was just stored (called after commit)."""
         if self.mail_index is not None:
-            self.mail_index.notify_new(message_id, mailboxes, size)
+            self.mail_index.notify_new(size)
 
     def check_login(self, username: bytes, password: bytes, loopback: bool):
         """The mailbox an account logs in to, None for a dev-sink login, False if refused.
@@ -5065,7 +5069,7 @@ class App:
         is_local = domain in config.local_domains or config.catch_all
         if is_local and (not is_safe_folder(folder) or config.accounts and not config.catch_all
                          and folder not in config.accounts):
-            folder = "postmaster@%s" % config.domains[0]    # no such mailbox: tell postmaster
+            folder = "postmaster@%s" % normalize_domain(config.domains[0])   # tell postmaster
         message_id = self.ids.new()
         received = "Received: by %s (minimail) id %s for <%s>;\n\t%s\n" % (
             config.hostname, message_id, address, rfc5322_date())
@@ -5163,7 +5167,8 @@ def _typed(parse):
 
 def build_parser() -> argparse.ArgumentParser:
     """The `serve` command line (SPEC 2)."""
-    parser = _Parser(prog="minimail.py", description="A small mail server: SMTP into Maildir.",
+    parser = _Parser(prog="minimail.py", description="A small mail server: SMTP into Maildir, relay, POP3, "
+                     "and a web page with a Mailpit-compatible API.",
                      formatter_class=_HelpFormatter)
     add = parser.add_argument
     add("--domain", action="append", metavar="NAME",
@@ -5209,11 +5214,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _parse_host_port(text: str) -> tuple:
-    host, sep, port = text.rpartition(":")
-    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+    """A server to connect to: HOST:PORT or [IPv6]:PORT, with a real port."""
+    address = None if text == "off" or text.isdigit() else parse_addr(text)
+    if address is None or address[1] == 0:
         raise ValueError("bad address %r (use HOST:PORT)" % text)
-    return host, int(port)
+    return address
 
 
 def _parse_credentials(text: str) -> tuple:

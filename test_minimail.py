@@ -599,7 +599,7 @@ def test_smtp_idn_domain_is_local_in_a_label_form(make_server):
 
 @pytest.mark.parametrize("params, code", [
     (b" SIZE=100", 250), (b" BODY=8BITMIME", 250), (b" BODY=7BIT", 250), (b" AUTH=<>", 250),
-    (b" SIZE=abc", 501), (b" BODY=BINARYMIME", 501), (b" RET=HDRS", 555), (b" SMTPUTF8=yes", 555)])
+    (b" SIZE=abc", 501), (b" SIZE", 501), (b" BODY", 501), (b" BODY=BINARYMIME", 501), (b" RET=HDRS", 555), (b" SMTPUTF8=yes", 555)])
 def test_smtp_mail_parameters(mail, params, code):
     with Raw(mail.smtp_port) as client:
         assert client.command(b"EHLO client.test")[0] == 250
@@ -694,7 +694,7 @@ def test_smtp_overlong_line_without_newline_is_bounded(mail):
         assert client.code() == 250
 
 
-@pytest.mark.parametrize("line", [b"NO\x00OP", b"\xff\xfe", "NÖOP".encode(), b"smtp___class__",
+@pytest.mark.parametrize("line", [b"EHLO a\x1bb", b"NO\x00OP", b"\xff\xfe", "NÖOP".encode(), b"smtp___class__",
                                   b"EHLO \xff\xfe", b"NOOP\rQUIT", b""])
 def test_smtp_junk_commands_get_errors(mail, line):
     with Raw(mail.smtp_port) as client:
