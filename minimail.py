@@ -1811,7 +1811,11 @@ class LineHandler(socketserver.BaseRequestHandler):
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(seconds))
 
     def _fill(self, deadline: Optional[float] = None) -> None:
-        """Read more bytes into the input buffer, flushing pending replies first.
+        """Read more bytes into the input buffer."""
+        self.inbuf += self._recv(deadline)
+
+    def _recv(self, deadline: Optional[float] = None) -> bytes:
+        """Read the next bytes from the socket, flushing pending replies first.
 
         A deadline bounds a whole command line; without one, each read waits at most
         the configured timeout (a pause inside DATA or BDAT).
@@ -1829,7 +1833,7 @@ class LineHandler(socketserver.BaseRequestHandler):
             raise IdleTimeout() from None
         if not data:
             raise ClientGone()
-        self.inbuf += data
+        return data
 
     def read_line(self, limit: int) -> bytes:
         """Return the next line without its CRLF (or bare LF).
@@ -1869,10 +1873,14 @@ class LineHandler(socketserver.BaseRequestHandler):
     def read_exactly(self, count: int, sink) -> None:
         """Pass the next count bytes to sink(data) as they arrive (BDAT)."""
         while count > 0:
-            if not self.inbuf:
-                self._fill()
-            data = bytes(self.inbuf[:count])
-            del self.inbuf[:len(data)]
+            if self.inbuf:
+                data = bytes(self.inbuf[:count])
+                del self.inbuf[:len(data)]
+            else:
+                data = self._recv()
+                if len(data) > count:       # the next command follows the chunk
+                    self.inbuf += data[count:]
+                    data = data[:count]
             count -= len(data)
             sink(data)
 
@@ -1903,9 +1911,8 @@ class LineHandler(socketserver.BaseRequestHandler):
                     sink(text)
             if end >= 0:
                 return
-            self._fill()
-            pending += bytes(self.inbuf)
-            self.inbuf.clear()
+            data = self._recv()     # bypasses inbuf: a body chunk is copied as little as possible
+            pending = pending + data if pending else data
 
     def start_tls(self, context) -> None:
         """Wrap the connection in TLS, discarding any plaintext read ahead (RFC 3207 4.2)."""

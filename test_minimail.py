@@ -856,6 +856,15 @@ def test_smtp_bdat_zero_last_and_pipelined(mail):
     assert body_of(read_stored(mail, "user@example.test")) == b"x\ny\n"
 
 
+def test_smtp_bdat_large_chunk_then_pipelined_commands(mail):
+    body = b"".join(b"line %06d\r\n" % i for i in range(20000))     # many socket reads
+    with Raw(mail.smtp_port) as client:
+        transaction(client)
+        client.send(b"BDAT %d\r\n%sBDAT 0 LAST\r\nNOOP\r\n" % (len(body), body))
+        assert [client.code() for _ in range(3)] == [250, 250, 250]
+    assert body_of(read_stored(mail, "user@example.test")) == body.replace(b"\r\n", b"\n")
+
+
 def test_smtp_bdat_and_data_do_not_mix(mail):
     with Raw(mail.smtp_port) as client:
         transaction(client)
