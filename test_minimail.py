@@ -87,8 +87,8 @@ def mail(make_server):
     return make_server()
 
 
-def smtp_client(port, **kwargs):
-    return smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=5, **kwargs)
+def smtp_client(port, timeout=5, **kwargs):
+    return smtplib.SMTP("127.0.0.1", port, local_hostname="client.test", timeout=timeout, **kwargs)
 
 
 def delivered(app, mailbox):
@@ -1069,7 +1069,7 @@ def test_smtp_concurrent_senders_store_every_message_once(mail):
     def sender(thread_number):
         try:
             for number in range(50):
-                with smtp_client(mail.smtp_port) as client:
+                with smtp_client(mail.smtp_port, timeout=30) as client:    # a loaded CI box
                     client.sendmail("a@sender.test", ["load@example.test"],
                                     b"Subject: t%d-%d\r\n\r\nbody\r\n" % (thread_number, number))
         except Exception as exc:
