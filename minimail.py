@@ -109,6 +109,7 @@ RESOLV_CONF_MAX = 64 * 1024         # bytes of resolv.conf read
 EXIT_TEMPFAIL = 75                  # sysexits.h EX_TEMPFAIL: the `mx` command's temporary failure
 
 VERB_RE = re.compile(rb"[A-Za-z]{1,12}")
+RECEIVED_RE = re.compile(rb"^received:", re.I | re.M)   # trace headers counted for loops
 DATA_TERMINATOR = b"\r\n.\r\n"      # RFC 5321 4.1.1.4: the only end of DATA
 
 log = logging.getLogger("minimail")
@@ -223,6 +224,7 @@ class Config:
         return _address_in(host, self.relay_networks)
 
 
+@lru_cache(maxsize=1024)      # asked once per connection, mostly about the same few peers
 def _address_in(host: str, networks: tuple) -> bool:
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
@@ -787,7 +789,7 @@ class MessageWriter:
         self.held_cr = b""
 
     def received_count(self) -> int:
-        return len(re.findall(rb"^received:", bytes(self.head), re.I | re.M))
+        return len(RECEIVED_RE.findall(self.head))
 
     def commit(self) -> list:
         """Make every copy durable and visible in new/ (or the queue); return the final paths.
@@ -5300,6 +5302,8 @@ def serve(argv: list) -> int:
         config = config_from_args(args)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    # The log format names no process or thread: skip looking them up for every record.
+    logging.logProcesses = logging.logThreads = logging.logMultiprocessing = False
     handler = LogLineHandler(sys.stderr.fileno())
     handler.setFormatter(logging.Formatter("%(asctime)s minimail %(levelname)s %(message)s"))
     log.addHandler(handler)
