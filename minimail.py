@@ -243,6 +243,8 @@ def parse_addr(text: str) -> Optional[tuple[str, int]]:
             raise ValueError("bad address %r (use [IPv6]:PORT)" % text)
     elif ":" in text:
         host, _, port = text.rpartition(":")
+        if ":" in host:         # a bare IPv6 address: its last group is no port
+            raise ValueError("bad address %r (use [IPv6]:PORT)" % text)
     else:
         host, port = "127.0.0.1", text
     if not port.isdigit() or int(port) > 65535 or not host:
@@ -764,8 +766,9 @@ class MessageWriter:
 
     def _store(self, data: bytes) -> None:
         if not self.head_done:
+            start = max(len(self.head) - 1, 0)     # search only what is new: tiny writes stay linear
             self.head += data
-            end = self.head.find(b"\n\n")
+            end = self.head.find(b"\n\n", start)
             if self.head.startswith(b"\n") or end >= 0 or len(self.head) >= HEADER_SCAN_LIMIT:
                 self.head_done = True
                 if end >= 0:
@@ -947,11 +950,15 @@ class Queue:
         """Write an entry's state atomically and durably."""
         self.ensure()
         tmp = self.tmp_path(entry.id + ".json")
-        with open(tmp, "w", encoding="utf-8") as file:
-            file.write(entry.to_json())
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(tmp, self.state_path(entry.id))
+        try:
+            with open(tmp, "w", encoding="utf-8") as file:
+                file.write(entry.to_json())
+                file.flush()
+                os.fsync(file.fileno())
+            os.replace(tmp, self.state_path(entry.id))
+        except OSError:
+            _unlink_quietly(tmp)
+            raise
         fsync_dir(self.folder)
 
     def remove(self, message_id: str) -> None:
@@ -1056,7 +1063,8 @@ def encode_name(name: str) -> bytes:
     """The uncompressed wire form of a name given in A-labels; ValueError if it cannot be one."""
     text = name[:-1] if name.endswith(".") else name
     labels = [label.encode("ascii") for label in text.split(".")] if text else []
-    if any(not 0 < len(label) <= DNS_MAX_LABEL for label in labels):
+    # A backslash is _read_name's escape of an odd octet: that name is no host name to ask for.
+    if "\\" in text or any(not 0 < len(label) <= DNS_MAX_LABEL for label in labels):
         raise ValueError("bad DNS name %r" % name)
     wire = b"".join(bytes([len(label)]) + label for label in labels) + b"\x00"
     if len(wire) > DNS_MAX_NAME:

@@ -217,7 +217,7 @@ def test_config_parse_addr(text, expected):
     assert minimail.parse_addr(text) == expected
 
 
-@pytest.mark.parametrize("text", ["", "host:", ":25", "[::1]", "x:99999", "a:b"])
+@pytest.mark.parametrize("text", ["", "host:", ":25", "[::1]", "x:99999", "a:b", "::1", "::1:25"])
 def test_config_parse_addr_rejects(text):
     with pytest.raises(ValueError):
         minimail.parse_addr(text)
@@ -721,11 +721,21 @@ def test_smtp_mail_loop_refused(mail):
         code, lines = client.read_reply()
         assert (code, lines[0][4:9]) == (554, "5.4.6")
         # 50 are fine, and a Received: in the body does not count.
-        transaction(client, rcpts=(b"user@example.test",)) if False else None
         assert client.command(b"MAIL FROM:<a@sender.test>")[0] == 250
         assert client.command(b"RCPT TO:<user@example.test>")[0] == 250
         assert client.command(b"DATA")[0] == 354
         client.send(headers[headers.index(b"\n") + 1:] + b"\r\nReceived: in body\r\n.\r\n")
+        assert client.code() == 250
+    assert len(delivered(mail, "user@example.test")) == 1
+
+
+def test_smtp_loop_count_ends_at_a_blank_line_split_across_chunks(mail):
+    received = b"Received: from hop by x; Sat, 1 Jan 2022 00:00:00 +0000\r\n" * 60
+    with Raw(mail.smtp_port) as client:
+        transaction(client)
+        client.send(b"BDAT 12\r\nSubject: x\r\n")        # the header's blank line comes next
+        assert client.code() == 250
+        client.send(b"BDAT %d LAST\r\n\r\n%s" % (len(received) + 2, received))
         assert client.code() == 250
     assert len(delivered(mail, "user@example.test")) == 1
 
@@ -3827,6 +3837,13 @@ def test_dns_cname_target_asked_when_not_answered(fake_dns):
     hosts = resolver_for(fake_dns).resolve_mx("alias.test")
     assert hosts_of(hosts) == [(10, "mx.real.test", ["192.0.2.7"])]
     assert fake_dns.asked()[:2] == [("alias.test", T_MX), ("real.test", T_MX)]
+
+
+def test_dns_cname_to_a_name_with_a_dot_in_a_label_does_not_exist(fake_dns):
+    fake_dns.add(rr("alias.test", T_CNAME, b"\x03a.b" + wire_name("test")))     # label "a.b"
+    with pytest.raises(minimail.PermFail):
+        resolver_for(fake_dns).resolve_mx("alias.test")
+    assert fake_dns.asked() == [("alias.test", T_MX)]
 
 
 def test_dns_cname_loop_is_bounded(fake_dns):
