@@ -4378,19 +4378,18 @@ class WebRequests:
 
     def web_set_read(self) -> None:
         body = self.read_ids_body()
-        if body["Search"]:
-            entries = self.matching_copies(body["Search"])
-        elif body["IDs"]:
-            entries = self.by_ids(body["IDs"])
-        else:
-            entries = self.entries()
-        self.index.set_read(entries, body["Read"])
+        self.index.set_read(self.selected(body), body["Read"])
         self.ok()
 
     def web_delete(self) -> None:
-        body = self.read_ids_body()
-        self.index.delete(self.by_ids(body["IDs"]) if body["IDs"] else self.entries())
+        self.index.delete(self.selected(self.read_ids_body()))
         self.ok()
+
+    def selected(self, body: dict) -> list:
+        """The entries a body names: its Search, else its IDs, else (neither given) all."""
+        if body["Search"]:
+            return self.matching_copies(body["Search"])
+        return self.by_ids(body["IDs"]) if body["IDs"] else self.entries()
 
     def by_ids(self, ids: list) -> list:
         """The entries of the given IDs; unknown IDs are skipped, as Mailpit does."""

@@ -2315,6 +2315,16 @@ def test_http_delete_search(web):
     assert [m["ID"] for m in get_json(web, "/api/v1/messages")["messages"]] == [keep]
 
 
+def test_http_delete_messages_with_a_search_body_deletes_only_matches(web):
+    keep = send_message(web, b"Subject: keep me\r\n\r\nx\r\n")
+    send_message(web, b"Subject: drop me\r\n\r\nx\r\n")
+    for search in ("subject:nothing-matches", "subject:drop"):
+        status = http_call(web, "DELETE", "/api/v1/messages", json.dumps({"Search": search}).encode(),
+                           {"Content-Type": "application/json"})[0]
+        assert status == 200
+    assert [m["ID"] for m in get_json(web, "/api/v1/messages")["messages"]] == [keep]
+
+
 def test_http_info_health_and_mailboxes(web):
     send_message(web, b"Subject: a\r\n\r\nx\r\n", rcpts=("bob@example.test", "eve@example.test"))
     info = get_json(web, "/api/v1/info")
