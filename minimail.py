@@ -158,6 +158,10 @@ class IdleTimeout(Exception):
     """The peer sent nothing within the configured timeout."""
 
 
+class SendTimeout(IdleTimeout):
+    """The peer read nothing of our output within the configured timeout."""
+
+
 class LineTooLong(Exception):
     """A command line exceeded its limit; it was read to its end and discarded."""
 
@@ -1727,9 +1731,14 @@ class LineHandler(socketserver.BaseRequestHandler):
             self.flush()
         except ClientGone:
             log.info("%s connection closed by client", self.sid)
+        except SendTimeout:             # a last reply would only wait as long again
+            log.info("%s client stopped reading: closed after %gs", self.sid, self.config.timeout)
         except IdleTimeout:
             log.info("%s timeout after %gs", self.sid, self.config.timeout)
-            self.on_timeout()
+            try:
+                self.on_timeout()
+            except (OSError, IdleTimeout):
+                pass
         except OSError as exc:
             log.info("%s connection lost: %s", self.sid, exc.__class__.__name__)
         finally:
@@ -1808,7 +1817,7 @@ class LineHandler(socketserver.BaseRequestHandler):
             try:
                 self.sock.sendall(data)
             except (BlockingIOError, socket.timeout):
-                raise IdleTimeout() from None
+                raise SendTimeout() from None
 
     # Input. Plain sockets stay blocking with SO_RCVTIMEO/SO_SNDTIMEO set once, so a
     # read is one system call; Python's own timeouts would add a poll() and an ioctl().
@@ -1862,7 +1871,7 @@ class LineHandler(socketserver.BaseRequestHandler):
                     raise LineTooLong()
                 return line[:-1] if line.endswith(b"\r") else line
             if len(self.inbuf) > limit:
-                self._discard_to_lf(deadline)
+                self._discard_to_lf(deadline or time.monotonic() + self.config.timeout)
                 raise LineTooLong()
             start = len(self.inbuf)
             if deadline is None:        # the first read may take the whole timeout
@@ -1871,7 +1880,7 @@ class LineHandler(socketserver.BaseRequestHandler):
             else:
                 self._fill(deadline)
 
-    def _discard_to_lf(self, deadline: Optional[float]) -> None:
+    def _discard_to_lf(self, deadline: float) -> None:
         while True:
             end = self.inbuf.find(b"\n")
             if end >= 0:
@@ -2046,11 +2055,8 @@ class SMTPHandler(LineHandler):
             self.envelope.writer.abort()
 
     def on_timeout(self):
-        try:
-            self.send(b"421 4.4.2 %s Timeout, closing connection\r\n" % self.config.hostname.encode())
-            self.flush()
-        except OSError:
-            pass
+        self.send(b"421 4.4.2 %s Timeout, closing connection\r\n" % self.config.hostname.encode())
+        self.flush()
 
     def reply(self, code: int, status: Optional[str], text: str) -> None:
         self.send(self.format_reply(Reply(code, status, text)))
@@ -3143,11 +3149,8 @@ class POP3Handler(LineHandler):
             self._unlock()
 
     def on_timeout(self):
-        try:
-            self.send(b"-ERR Disconnected for inactivity\r\n")
-            self.flush()
-        except OSError:
-            pass
+        self.send(b"-ERR Disconnected for inactivity\r\n")
+        self.flush()
 
     def ok(self, text: str = "", lines: Optional[list] = None) -> None:
         """A +OK reply; with lines, a multi-line one ended by "." (RFC 1939 3)."""

@@ -762,6 +762,42 @@ def test_smtp_slow_line_times_out(make_server):
         assert time.monotonic() - start < 3
 
 
+def test_smtp_overlong_line_cannot_be_drip_fed_past_the_timeout(make_server):
+    app = make_server(timeout=0.5)
+    with Raw(app.smtp_port) as client:
+        start = time.monotonic()
+        client.send(b"NOOP\r\n" + b"x" * 20000)       # an over-long line read in with the NOOP
+        assert client.code() == 250
+        for _ in range(30):                 # then a byte each 0.1 s, never its LF
+            try:
+                client.send(b"x")
+            except OSError:
+                break
+            time.sleep(0.1)
+        assert client.code() == 421
+        assert time.monotonic() - start < 2.5
+
+
+def test_smtp_client_that_stops_reading_is_closed_quietly(make_server, caplog):
+    caplog.set_level(logging.INFO, logger="minimail")
+    app = make_server(timeout=0.5)
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)     # fills at once
+    sock.connect(("127.0.0.1", app.smtp_port))
+
+    def pipeline_without_reading():
+        try:
+            sock.sendall(b"NOOP\r\n" * 1000000)
+        except OSError:
+            pass
+    threading.Thread(target=pipeline_without_reading, daemon=True).start()
+    try:
+        assert wait_for(lambda: "client stopped reading" in caplog.text)
+    finally:
+        sock.close()
+    assert [r for r in caplog.records if r.levelno >= logging.ERROR] == []
+
+
 def test_smtp_timeout_inside_data_stores_nothing(make_server):
     app = make_server(timeout=0.3)
     with Raw(app.smtp_port) as client:
