@@ -3049,6 +3049,7 @@ class POP3Message:
     octets: int                 # RFC 1939 11: size with CRLF line ends, before byte-stuffing
     deleted: bool = False       # DELE: removed at QUIT
     retrieved: bool = False     # RETR: marked seen (S) at QUIT
+    gone: bool = False          # removed by another client since login
 
 
 @dataclass
@@ -3259,13 +3260,34 @@ class POP3Handler(LineHandler):
         self.app.mailbox_locks.release(maildrop.folder, maildrop.lock_fd)
 
     def _on_current_file(self, message: POP3Message, action):
-        """Return action(stored) for the message's file, found again by ID if another
-        client (HTTP) moved it since login; None when the message is gone."""
+        """Return action(stored) for the message's file; None when the message is gone.
+
+        Another client (HTTP) may have moved or removed files since login. The first miss
+        lists the mailbox once and re-points every message, so a session that meets many
+        moved files pays one listing, not one per message.
+        """
+        if not message.gone:
+            try:
+                return action(message.stored)
+            except FileNotFoundError:
+                self._find_moved_files()
+        if message.gone:
+            return None
+
         def act(stored: StoredMessage):
             result = action(stored)
             message.stored = stored         # remember where it was found
             return result
-        return self.app.maildir.follow(message.stored, act)
+        result = self.app.maildir.follow(message.stored, act)      # moved once more meanwhile
+        message.gone = result is None
+        return result
+
+    def _find_moved_files(self) -> None:
+        current = {stored.id: stored for stored in self.app.maildir.messages(self.maildrop.mailbox)}
+        for message in self.maildrop.messages:
+            found = current.get(message.stored.id)
+            message.gone = found is None
+            message.stored = found or message.stored
 
     def _update(self) -> int:
         """The UPDATE state (RFC 1939 6): remove DELEted messages, mark RETRieved ones seen
@@ -3277,8 +3299,8 @@ class POP3Handler(LineHandler):
                 continue
             try:
                 if message.deleted:
-                    self._on_current_file(message, lambda stored: os.unlink(stored.path))
-                    removed += 1
+                    if self._on_current_file(message, lambda stored: os.unlink(stored.path) or True):
+                        removed += 1
                 elif self._on_current_file(message, lambda stored: maildir.set_flags(
                         stored, stored.flags + "S")):
                     seen += 1

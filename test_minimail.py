@@ -3061,6 +3061,23 @@ def test_pop3_message_moved_or_removed_by_another_client(pop):
     assert box_files(pop) == {"new": [], "cur": ["1.msg:2,S"]}
 
 
+def test_pop3_many_moved_messages_cost_one_listing(pop, monkeypatch):
+    for number in range(1, 41):
+        put_message(pop, "u@example.test", "%02d.msg" % number, b"message %d\n" % number)
+    with RawPOP3(pop.pop3_port) as client:
+        client.login()
+        for stored in pop.maildir.messages("u@example.test"):
+            pop.maildir.set_flags(stored, "S")      # the web page's "mark all read"
+        listings = []
+        messages = pop.maildir.messages
+        monkeypatch.setattr(pop.maildir, "messages", lambda mailbox: listings.append(mailbox) or messages(mailbox))
+        for number in range(1, 41):
+            assert client.command(b"RETR %d" % number).startswith(b"+OK")
+            assert client.body() == b"message %d\r\n" % number
+        assert client.command(b"QUIT") == b"+OK Bye"
+    assert len(listings) == 1
+
+
 def test_pop3_unreadable_entry_is_left_out(pop):
     put_message(pop, "u@example.test", "1.msg", b"one\n")
     os.mkdir(os.path.join(pop.maildir.path("u@example.test"), "new", "2.not-a-file"))
