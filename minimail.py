@@ -360,8 +360,12 @@ def parse_mailbox(text: str) -> tuple[str, str]:
 
 
 def mailbox_name(address: str) -> str:
-    """Return the folder name (local@domain, lowercased) of a bare address."""
-    local, domain = parse_mailbox(address)
+    """Return the folder name of a bare address."""
+    return folder_name(*parse_mailbox(address))
+
+
+def folder_name(local: str, domain: str) -> str:
+    """The mailbox folder of a parsed address: local@domain, the local part lowercased."""
     return "%s@%s" % (local.lower(), domain)
 
 
@@ -1283,7 +1287,8 @@ class Resolver:
         MX (RFC 7505) and NXDOMAIN are permanent failures. With addresses, the first
         DNS_MAX_MX_HOSTS hosts (those delivery tries) are returned with their A and AAAA
         addresses, and a domain none of whose hosts has one fails, temporarily if any
-        lookup did. Without, every MX host is returned and none is looked up.
+        lookup did. Without, every MX host is returned and none is looked up (but the
+        implicit MX still must have an address).
         """
         try:
             name = mail_domain(domain)
@@ -2214,7 +2219,7 @@ class SMTPHandler(LineHandler):
             local, domain = parse_mailbox(path)
         except ValueError:
             raise Reply(501, "5.1.3", "Bad recipient address syntax") from None
-        folder = "%s@%s" % (local.lower(), domain)
+        folder = folder_name(local, domain)
         if not is_safe_folder(folder):
             raise Reply(553, "5.1.3", "Recipient address not allowed as a mailbox name")
         envelope = self.envelope
@@ -5106,7 +5111,7 @@ class App:
         into its mailbox when local, else into the queue. Return its ID."""
         config = self.config
         local, domain = parse_mailbox(address)
-        folder = "%s@%s" % (local.lower(), domain)
+        folder = folder_name(local, domain)
         is_local = domain in config.local_domains or config.catch_all
         if is_local and (not is_safe_folder(folder) or config.accounts and not config.catch_all
                          and folder not in config.accounts):
@@ -5118,12 +5123,8 @@ class App:
             else _Copy(None, received.encode("utf-8"))
         writer = MessageWriter(self.maildir, self.queue, message_id, [copy])
         writer.open(max(config.max_size, len(data)))
-        try:
-            writer.write(data)
-            writer.finish()
-        except OSError:
-            writer.abort()
-            raise
+        writer.write(data)          # a write error is kept for commit(), which cleans up
+        writer.finish()
         stored = writer.commit()
         if not is_local:
             try:
