@@ -69,6 +69,7 @@ READ_BLOCK = 64 * 1024              # one read of a message file
 WIRE_SIZE_CACHE = 100_000           # remembered wire sizes of untagged message files
 LISTING_CACHE = 50_000              # messages in remembered mailbox listings
 FOLDER_MTIME_TRUST = 1.0            # seconds: a folder changed more recently is listed again
+TMP_MAX_AGE_S = 36 * 3600.0         # a tmp/ file this old was left by a crash (as Dovecot cleans)
 POP3_MAX_COMMAND_LINE = 512         # SPEC 5 (RFC 2449 4 asks clients for at most 255)
 POP3_LOCK_FILE = ".minimail-pop3.lock"  # in the mailbox folder, beside tmp/ new/ cur/
 POP3_LOCK_POLL_S = 0.05             # how often a waiting login retries another process's lock
@@ -485,6 +486,22 @@ class DirectorySync:
                     del self.folders[path]
 
 
+def remove_old_files(directory: str, older_than_s: float) -> int:
+    """Delete the files of directory unchanged for older_than_s; return how many went."""
+    cutoff = time.time() - older_than_s
+    removed = 0
+    try:
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_file(follow_symlinks=False) and \
+                        entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                    os.unlink(entry.path)
+                    removed += 1
+    except OSError:         # gone meanwhile, or not ours to clean: try again next time
+        pass
+    return removed
+
+
 def fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -588,6 +605,13 @@ class Maildir:
             return []
         return sorted(name for name in names
                       if "@" in name and os.path.isdir(os.path.join(self.root, name, "new")))
+
+    def clean_tmp(self) -> None:
+        """Remove what crashed deliveries left in the mailboxes' tmp/ folders."""
+        for mailbox in self.mailboxes():
+            removed = remove_old_files(os.path.join(self.path(mailbox), "tmp"), TMP_MAX_AGE_S)
+            if removed:
+                log.info("removed %d stale files from %s/tmp", removed, mailbox)
 
     def messages(self, mailbox: str) -> list:
         """Every message of a mailbox, in new/ and cur/, oldest name first (no file is read)."""
@@ -994,7 +1018,9 @@ class Queue:
             return None
 
     def remove_orphans(self, older_than_s: float = 3600.0) -> None:
-        """Delete message files whose state was never written (no 250 was sent for them)."""
+        """Delete message files whose state was never written (no 250 was sent for them),
+        and what crashed writes left in tmp/."""
+        remove_old_files(os.path.join(self.folder, "tmp"), TMP_MAX_AGE_S)
         try:
             names = os.listdir(self.folder)
         except FileNotFoundError:
@@ -5008,6 +5034,7 @@ class App:
             os.makedirs(self.maildir.root, exist_ok=True)
         except OSError as exc:
             raise ConfigError("cannot create maildir %s: %s" % (self.maildir.root, exc.strerror)) from None
+        self.maildir.clean_tmp()
         if self.config.tls_cert:
             self.tls_context = self._load_tls()
         listeners = list(LISTENERS)

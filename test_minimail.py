@@ -1136,6 +1136,25 @@ def test_smtp_concurrent_senders_store_every_message_once(mail):
     assert len(subjects) == 1000
 
 
+def test_storage_start_removes_stale_tmp_files(make_server, tmp_path):
+    def leave(directory, name, age_s):
+        os.makedirs(directory, exist_ok=True)
+        path = os.path.join(directory, name)
+        with open(path, "wb") as file:
+            file.write(b"half a message")
+        os.utime(path, (time.time() - age_s, time.time() - age_s))
+        return path
+    box = tmp_path / "maildir" / "user@example.test"
+    os.makedirs(box / "new")
+    stale, fresh = leave(box / "tmp", "crashed", 40 * 3600), leave(box / "tmp", "writing", 60)
+    queue_tmp = tmp_path / "maildir" / ".queue" / "tmp"
+    queue_stale, queue_fresh = leave(queue_tmp, "x.json", 40 * 3600), leave(queue_tmp, "y.eml", 60)
+    make_server()
+    assert not os.path.exists(stale) and os.path.exists(fresh)
+    assert wait_for(lambda: not os.path.exists(queue_stale))       # the relay's first queue scan
+    assert os.path.exists(queue_fresh)
+
+
 def test_smtp_two_processes_share_a_maildir(tmp_path):
     first = minimail.App(base_config(tmp_path))
     second = minimail.App(base_config(tmp_path))
