@@ -2652,10 +2652,12 @@ class Relay:
                 next_scan = time.monotonic() + QUEUE_RESCAN_S
             with self.lock:
                 now = time.time()
+                # Count busy IDs, not live threads: a worker notifies in its finally, before
+                # its thread has ended, and would otherwise still look busy here.
                 self.workers = [worker for worker in self.workers if worker.is_alive()]
                 waiting = [entry for entry in self.entries.values() if entry.id not in self.busy]
                 for entry in sorted(waiting, key=lambda entry: entry.next_try):
-                    if entry.next_try > now or len(self.workers) >= self.config.relay_workers:
+                    if entry.next_try > now or len(self.busy) >= self.config.relay_workers:
                         break
                     self.busy.add(entry.id)
                     worker = threading.Thread(target=self._work, args=(entry,), daemon=True)
@@ -2664,7 +2666,7 @@ class Relay:
                 waiting = [entry.next_try for entry in self.entries.values()
                            if entry.id not in self.busy]
                 wait_s = min([next_scan - time.monotonic()] + [due - now for due in waiting])
-                if len(self.workers) < self.config.relay_workers or not waiting:
+                if len(self.busy) < self.config.relay_workers or not waiting:
                     self.changed.wait(max(0.0, wait_s))
                 else:
                     self.changed.wait(QUEUE_RESCAN_S)       # a worker's end notifies

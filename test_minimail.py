@@ -1840,6 +1840,29 @@ def test_relay_sigusr1_retries_now(tmp_path, fake_smtp):
     assert "Traceback" not in rest and "retrying every queued message" in rest
 
 
+def test_relay_one_worker_delivers_messages_due_together_promptly(tmp_path, fake_smtp):
+    fake = fake_smtp()
+    port = fake.port
+    fake.close()
+    config = base_config(tmp_path, smarthost=("127.0.0.1", port), users=(RELAY_USER,),
+                         retry_delay=3600, relay_workers=1)
+    with running(config) as app:
+        with smtp_client(app.smtp_port) as client:
+            client.login(*RELAY_USER)
+            for number in range(4):
+                client.sendmail("alice@example.test", ["bob@remote.test"], b"Subject: %d\r\n\r\nx\r\n" % number)
+        queue = app.queue
+        assert wait_for(lambda: [queue.load(message_id).recipients[0].state
+                                 for message_id in queue.ids()] == ["deferred"] * 4)
+    revived = FakeSMTP(port=port)
+    try:
+        with running(config) as app:                # all four are due at once on restart
+            assert len(revived.wait_messages(4, timeout=20)) == 4    # the rescan is 60 s away
+            assert wait_for(lambda: queue_empty(app))
+    finally:
+        revived.close()
+
+
 POSTFIX_MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
 pickup unix n - n 60 1 pickup
