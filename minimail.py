@@ -2644,6 +2644,8 @@ class Relay:
                     log.error("relay: cannot open the queue: %s", exc)
                 if self.lock_fd is None:
                     with self.lock:
+                        if self.stopping:       # stop() may have come while unlocked
+                            return
                         self.changed.wait(QUEUE_RESCAN_S)
                     continue
                 self.queue.remove_orphans()
@@ -2651,6 +2653,8 @@ class Relay:
                 self._scan(resume=next_scan == 0.0)
                 next_scan = time.monotonic() + QUEUE_RESCAN_S
             with self.lock:
+                if self.stopping:               # stop() may have come during the scan
+                    return
                 now = time.time()
                 # Count busy IDs, not live threads: a worker notifies in its finally, before
                 # its thread has ended, and would otherwise still look busy here.

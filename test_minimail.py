@@ -1863,6 +1863,30 @@ def test_relay_one_worker_delivers_messages_due_together_promptly(tmp_path, fake
         revived.close()
 
 
+def test_relay_stop_during_a_queue_scan_ends_the_scheduler(tmp_path):
+    app = minimail.App(base_config(tmp_path))
+    app.queue.ensure()
+    relay = app.relay
+    scanning = threading.Event()
+    scan = app.queue.ids
+
+    def stop_during_scan():                 # what stop() does first, while the scan runs
+        with relay.lock:
+            relay.stopping = True
+            relay.changed.notify_all()
+        scanning.set()
+        return scan()
+
+    app.queue.ids = stop_during_scan
+    app.start()
+    try:
+        assert scanning.wait(5)
+        relay.scheduler.join(5)
+        assert not relay.scheduler.is_alive()       # not asleep until the 60 s rescan
+    finally:
+        app.stop()
+
+
 POSTFIX_MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
 pickup unix n - n 60 1 pickup
