@@ -2616,10 +2616,19 @@ class Relay:
 
     def enqueue(self, entry: QueueEntry) -> None:
         """Save a new entry durably (OSError if that fails) and schedule it at once."""
-        self.queue.save(entry)
-        with self.lock:
+        with self.lock:     # known and busy before its state is on disk: no scan adopts a copy
             self.entries[entry.id] = entry
-            self.changed.notify_all()
+            self.busy.add(entry.id)
+        saved = False
+        try:
+            self.queue.save(entry)
+            saved = True
+        finally:
+            with self.lock:
+                if not saved:
+                    self.entries.pop(entry.id, None)
+                self.busy.discard(entry.id)
+                self.changed.notify_all()
 
     def flush(self) -> None:
         """Retry every entry now (SIGUSR1)."""

@@ -1887,6 +1887,45 @@ def test_relay_stop_during_a_queue_scan_ends_the_scheduler(tmp_path):
         app.stop()
 
 
+def test_relay_scan_during_enqueue_adopts_no_second_copy(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "451 4.3.0 later")
+    app = relay_server(make_server, fake, retry_delay=3600)
+    relay, save = app.relay, app.queue.save
+    copies = []
+
+    def save_then_scan(entry):              # a periodic scan just after the state is written
+        save(entry)
+        if not copies:
+            relay._scan(resume=False)
+            with relay.lock:
+                copies.append(relay.entries[entry.id])
+            copies.append(entry)
+
+    app.queue.save = save_then_scan
+    send_authenticated(app, ["bob@remote.test"])
+    assert wait_for(lambda: len(fake.sessions) == 1)
+    assert copies[0] is copies[1]
+
+
+def test_relay_enqueue_forgets_an_entry_it_cannot_save(make_server, fake_smtp):
+    fake = fake_smtp()
+    app = relay_server(make_server, fake)
+    relay = app.relay
+
+    def fail(entry):
+        raise OSError(28, "No space left on device")
+
+    app.queue.save = fail
+    with smtp_client(app.smtp_port) as client:
+        client.login(*RELAY_USER)
+        with pytest.raises(smtplib.SMTPDataError) as error:
+            client.sendmail("alice@example.test", ["bob@remote.test"], b"Subject: x\r\n\r\nx\r\n")
+    assert error.value.smtp_code == 451
+    with relay.lock:
+        assert relay.entries == {} and relay.busy == set()
+
+
 POSTFIX_MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
 pickup unix n - n 60 1 pickup
