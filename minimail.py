@@ -2745,7 +2745,8 @@ class Relay:
                                + (" (last error: %s)" % rcpt.last_error if rcpt.last_error else ""))
         self._bounce(entry)
         if any(rcpt.pending for rcpt in entry.recipients):
-            delay_s = min(config.retry_delay * 2 ** (entry.attempts - 1), RETRY_DELAY_MAX_S)
+            # Cap the exponent: 2 ** 1024 does not fit a float (OverflowError).
+            delay_s = min(config.retry_delay * 2 ** min(entry.attempts - 1, 32), RETRY_DELAY_MAX_S)
             entry.next_try = min(time.time() + delay_s, entry.created + config.queue_lifetime)
             self.queue.save(entry)
         elif any(rcpt.state == "failed" for rcpt in entry.recipients):

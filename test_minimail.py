@@ -1926,6 +1926,25 @@ def test_relay_enqueue_forgets_an_entry_it_cannot_save(make_server, fake_smtp):
         assert relay.entries == {} and relay.busy == set()
 
 
+def test_relay_backoff_after_very_many_attempts(tmp_path, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "451 4.3.0 later", "451 4.3.0 later")
+    config = base_config(tmp_path, smarthost=("127.0.0.1", fake.port), users=(RELAY_USER,),
+                         retry_delay=3600.0)             # a float, as the command line gives
+    with running(config) as app:
+        send_authenticated(app, ["bob@remote.test"])
+        queue = app.queue
+        assert wait_for(lambda: queue.ids() and queue.load(queue.ids()[0]).recipients[0].state == "deferred")
+    message_id, = queue.ids()
+    entry = queue.load(message_id)
+    entry.attempts = 5000
+    queue.save(entry)
+    with running(config):                           # resumed at once
+        assert wait_for(lambda: queue.load(message_id).attempts == 5001
+                        and queue.load(message_id).next_try > time.time() + 3000)
+    assert len(fake.sessions) == 2
+
+
 POSTFIX_MASTER_CF = """\
 127.0.0.1:{port} inet n - n - - smtpd
 pickup unix n - n 60 1 pickup
