@@ -2797,6 +2797,11 @@ class Relay:
             if not addresses:
                 errors.append("%s has no address" % host)
             for address in addresses:
+                # A failure after some answers (say, the state write after the final 250)
+                # must not send again to, or defer, recipients that already have a result.
+                group = [rcpt for rcpt in group if rcpt.pending]
+                if not group:
+                    return
                 try:
                     self._transaction(entry, group, host, address, port)
                     return
@@ -2806,7 +2811,8 @@ class Relay:
                     log.info("relay %s: %s", entry.id, text)
                     errors.append(text)
         for rcpt in group:
-            self._defer(rcpt, errors[-1] if errors else "no mail exchanger")
+            if rcpt.pending:
+                self._defer(rcpt, errors[-1] if errors else "no mail exchanger")
 
     def _transaction(self, entry: QueueEntry, group: list, host: str, address: str,
                      port: int) -> None:

@@ -1329,7 +1329,8 @@ class FakeSMTP:
     """A scriptable SMTP server that records every message it accepts.
 
     Replies are queued per stage with will(): "MAIL", "RCPT <address>", "DATA" (the 354)
-    and "END" (after the data); otherwise the server says 250.
+    and "END" (after the data); otherwise the server says 250. A reply may be a function,
+    called when the reply is due, that returns the reply.
     """
 
     def __init__(self, host="127.0.0.1", port=0, features=("PIPELINING", "8BITMIME", "SMTPUTF8"),
@@ -1365,7 +1366,8 @@ class FakeSMTP:
     def _reply(self, stage, default):
         with self.changed:
             queued = self.replies.get(stage)
-            return queued.pop(0) if queued else default
+            reply = queued.pop(0) if queued else default
+        return reply() if callable(reply) else reply
 
     def wait_messages(self, count, timeout=10):
         with self.changed:
@@ -4358,6 +4360,29 @@ def test_relay_mx_groups_recipients_by_domain(make_server, fake_dns, fake_smtp):
     finally:
         second.close()
 
+
+def test_relay_failed_state_write_after_delivery_sends_nothing_again(make_server, fake_dns, fake_smtp):
+    first = fake_smtp(host="127.0.0.2")
+    second = FakeSMTP(host="127.0.0.3", port=first.port)
+    try:
+        fake_dns.add(mx_rr("remote.test", 10, "mx1.remote.test"), mx_rr("remote.test", 20, "mx2.remote.test"),
+                     a_rr("mx1.remote.test", "127.0.0.2"), a_rr("mx2.remote.test", "127.0.0.3"))
+        app = mx_relay_server(make_server, fake_dns, first.port)
+        queue_tmp = os.path.join(app.queue.folder, "tmp")
+
+        def accept_then_break_the_queue():      # the state write after this 250 fails
+            os.rmdir(queue_tmp)
+            with open(queue_tmp, "w") as file:
+                file.write("in the way")
+            return "250 2.0.0 queued"
+
+        first.will("END", accept_then_break_the_queue)
+        send_authenticated(app, ["bob@remote.test"])
+        assert first.wait_messages(1)[0]["rcpts"] == ["bob@remote.test"]
+        assert wait_for(lambda: queue_empty(app))
+        assert second.sessions == [] and len(first.wait_messages(2, timeout=0.5)) == 1
+    finally:
+        second.close()
 
 def test_relay_to_a_second_minimail(make_server, fake_dns, tmp_path):
     receiver = minimail.App(base_config(tmp_path, maildir=str(tmp_path / "receiver"),
