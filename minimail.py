@@ -2480,11 +2480,12 @@ class SMTPClient:
     """A small SMTP client for relaying: bounded replies, every wait bounded by a timeout."""
 
     def __init__(self, address: str, port: int, timeout: float):
+        self.timeout = timeout
         self.sock = socket.create_connection((address, port), timeout=timeout)
         self.buf = bytearray()
         self.tls = False
 
-    def _read_line(self) -> bytes:
+    def _read_line(self, deadline: float) -> bytes:
         while True:
             end = self.buf.find(b"\n")
             if end >= 0:
@@ -2493,23 +2494,38 @@ class SMTPClient:
                 return line
             if len(self.buf) > REPLY_MAX_LINE:
                 raise _HostFailure("reply line too long")
-            data = self.sock.recv(4096)
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:
+                raise _HostFailure("no complete reply within %gs" % self.timeout)
+            self.sock.settimeout(remaining_s)
+            try:
+                data = self.sock.recv(4096)
+            except socket.timeout:
+                raise _HostFailure("no complete reply within %gs" % self.timeout) from None
             if not data:
                 raise _HostFailure("connection closed by server")
             self.buf += data
 
     def read_reply(self) -> tuple:
-        """(code, [text lines]) of one reply; _HostFailure if it is not SMTP."""
+        """(code, [text lines]) of one reply; _HostFailure if it is not SMTP.
+
+        SPEC 7: the timeout bounds the whole reply, so a server trickling bytes cannot
+        stretch it.
+        """
+        deadline = time.monotonic() + self.timeout
         lines = []
-        while True:
-            line = self._read_line()
-            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
-                raise _HostFailure("malformed reply %r" % line[:80])
-            lines.append(line[4:].decode("utf-8", "replace").strip())
-            if line[3:4] != b"-":
-                return int(line[:3]), lines
-            if len(lines) >= REPLY_MAX_LINES:
-                raise _HostFailure("reply too long")
+        try:
+            while True:
+                line = self._read_line(deadline)
+                if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                    raise _HostFailure("malformed reply %r" % line[:80])
+                lines.append(line[4:].decode("utf-8", "replace").strip())
+                if line[3:4] != b"-":
+                    return int(line[:3]), lines
+                if len(lines) >= REPLY_MAX_LINES:
+                    raise _HostFailure("reply too long")
+        finally:
+            self.sock.settimeout(self.timeout)     # each write is bounded on its own
 
     def command(self, text: str) -> tuple:
         self.sock.sendall(text.encode("utf-8") + b"\r\n")

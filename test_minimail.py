@@ -1480,6 +1480,42 @@ def fake_smtp():
         fake.close()
 
 
+@pytest.fixture
+def raw_peer():
+    """Port-0 listeners that run serve(connection, stop) on each connection, for peers that
+    misbehave in ways FakeSMTP cannot. Returns the port."""
+    peers = []
+
+    def start(serve):
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.settimeout(0.1)
+        stop = threading.Event()
+
+        def accept_loop():
+            while not stop.is_set():
+                try:
+                    connection, _ = listener.accept()
+                except socket.timeout:
+                    continue
+                with connection:
+                    connection.settimeout(10)
+                    try:
+                        serve(connection, stop)
+                    except OSError:
+                        pass
+
+        thread = threading.Thread(target=accept_loop)
+        thread.start()
+        peers.append((listener, stop, thread))
+        return listener.getsockname()[1]
+
+    yield start
+    for listener, stop, thread in peers:
+        stop.set()
+        thread.join(10)
+        listener.close()
+
+
 RELAY_USER = ("alice@example.test", "secret")
 
 
@@ -1945,6 +1981,34 @@ def test_relay_backoff_after_very_many_attempts(tmp_path, fake_smtp):
         assert wait_for(lambda: queue.load(message_id).attempts == 5001
                         and queue.load(message_id).next_try > time.time() + 3000)
     assert len(fake.sessions) == 2
+
+
+def test_relay_timeout_bounds_a_whole_reply(make_server, raw_peer):
+    """SPEC 7: --timeout bounds each reply, not each read of one."""
+    connected_s = []
+
+    def trickle_greeting(connection, stop):
+        started = time.monotonic()
+        connection.settimeout(0.05)
+        try:
+            while not stop.is_set():
+                connection.sendall(b"2")                # one byte per 0.05 s, never a line end
+                try:
+                    if not connection.recv(1):
+                        break                           # the client gave up
+                except socket.timeout:
+                    pass
+        finally:
+            connected_s.append(time.monotonic() - started)
+
+    port = raw_peer(trickle_greeting)
+    app = make_server(smarthost=("127.0.0.1", port), users=(RELAY_USER,), retry_delay=3600,
+                      timeout=0.5)
+    send_authenticated(app, ["bob@remote.test"])
+    queue = app.queue
+    assert wait_for(lambda: queue.ids() and queue.load(queue.ids()[0]).recipients[0].state == "deferred")
+    assert "no complete reply" in queue.load(queue.ids()[0]).recipients[0].last_error
+    assert wait_for(lambda: connected_s) and connected_s[0] < 3.0
 
 
 POSTFIX_MASTER_CF = """\
