@@ -2510,7 +2510,8 @@ class SMTPClient:
         """(code, [text lines]) of one reply; _HostFailure if it is not SMTP.
 
         SPEC 7: the timeout bounds the whole reply, so a server trickling bytes cannot
-        stretch it.
+        stretch it. Control characters in the text become spaces: a bare CR would break
+        the lines of a bounce.
         """
         deadline = time.monotonic() + self.timeout
         lines = []
@@ -2519,7 +2520,7 @@ class SMTPClient:
                 line = self._read_line(deadline)
                 if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
                     raise _HostFailure("malformed reply %r" % line[:80])
-                lines.append(line[4:].decode("utf-8", "replace").strip())
+                lines.append(CONTROL_RE.sub(" ", line[4:].decode("utf-8", "replace")).strip())
                 if line[3:4] != b"-":
                     return int(line[:3]), lines
                 if len(lines) >= REPLY_MAX_LINES:

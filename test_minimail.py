@@ -1632,6 +1632,24 @@ def test_relay_permanent_failure_bounces_with_dsn(make_server, fake_smtp):
     assert wait_for(lambda: queue_empty(app))
 
 
+def test_relay_control_characters_in_a_reply_stay_on_one_bounce_line(make_server, fake_smtp):
+    fake = fake_smtp()
+    fake.will("RCPT bob@remote.test", "550 5.1.1 no such user\r--X\rContent-Type: text/html\r\r<b>hi</b>")
+    app = relay_server(make_server, fake)
+    send_authenticated(app, ["bob@remote.test"])
+    dsn = read_dsn(app, "alice@example.test")
+    assert [part.get_content_type() for part in dsn.iter_parts()] == [
+        "text/plain", "message/delivery-status", "text/rfc822-headers"]
+    fields, = dsn_fields(dsn)
+    assert fields["Status"] == "5.1.1"
+    assert fields["Diagnostic-Code"].startswith("smtp; 550 5.1.1 no such user --X Content-Type:")
+    assert fields["Diagnostic-Code"].endswith("<b>hi</b>")
+    stored = read_stored(app, "alice@example.test")
+    assert b"\r" not in stored
+    assert [line for line in stored.split(b"\n") if line.startswith(b"Diagnostic-Code:")] == [
+        b"Diagnostic-Code: smtp; 550 5.1.1 no such user --X Content-Type: text/html  <b>hi</b>"]
+
+
 def test_relay_gives_up_after_queue_lifetime(make_server, fake_smtp):
     fake = fake_smtp()
     port = fake.port
