@@ -2887,9 +2887,14 @@ class Relay:
                 for rcpt in accepted:
                     self._record(rcpt, code, lines, remote, "DATA")
                 return
+            last = b""
             for chunk in relay_chunks(self.queue.message_path(entry.id)):
-                client.sock.sendall(chunk)
-            client.sock.sendall(b".\r\n")
+                if last:
+                    client.sock.sendall(last)
+                last = chunk
+            # The final '.' goes in the last write: alone, Nagle's algorithm holds it until
+            # the server's delayed ACK, some 40 ms per message.
+            client.sock.sendall(last + b".\r\n")
             code, lines = client.read_reply()
             for rcpt in accepted:
                 self._record(rcpt, code, lines, remote, "end of DATA")

@@ -1801,6 +1801,38 @@ def test_relay_long_lines_folded_and_dots_stuffed(make_server, fake_smtp):
     assert lines[3:6] == [b".leading dot", b"..two", b"end"]
 
 
+def test_relay_sends_the_final_dot_with_the_last_data(make_server, raw_peer):
+    first_data = []
+
+    def smtp_peer(connection, stop):
+        def command():
+            line = b""
+            while not line.endswith(b"\n"):
+                data = connection.recv(1000)
+                if not data:
+                    raise ConnectionError("closed")
+                line += data
+            return line
+
+        connection.sendall(b"220 peer.test ESMTP\r\n")
+        for reply in (b"250 peer.test", b"250 2.1.0 ok", b"250 2.1.5 ok", b"354 go ahead"):
+            command()
+            connection.sendall(reply + b"\r\n")
+        data = connection.recv(65536)                # one write arrives as one segment
+        first_data.append(data)
+        while not data.endswith(b"\r\n.\r\n"):
+            data += connection.recv(65536)
+        connection.sendall(b"250 2.0.0 queued\r\n")
+        command()
+        connection.sendall(b"221 2.0.0 bye\r\n")
+
+    port = raw_peer(smtp_peer)
+    app = make_server(smarthost=("127.0.0.1", port), users=(RELAY_USER,), retry_delay=0.05)
+    send_authenticated(app, ["bob@remote.test"])
+    assert wait_for(lambda: queue_empty(app))
+    assert first_data[0].endswith(b"\r\nhello\r\n.\r\n")
+
+
 def test_relay_chunks_fold_across_blocks(tmp_path):
     path = tmp_path / "message"
     block = minimail.READ_BLOCK
