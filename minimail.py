@@ -3503,6 +3503,7 @@ class MessageIndex:
         self.by_id = {}
         self.summaries = {}         # message ID -> parsed summary fields (parsed once)
         self.created = {}           # message ID -> mtime, for names without a time
+        self.broken = {}            # mailbox -> the error last logged for it
         self.events = []            # (seq, "new" or "delete", ID, frozenset of mailboxes)
         self.seq = 0
         self.scanned = False
@@ -3520,19 +3521,34 @@ class MessageIndex:
             for mailbox in set(self.folders) - set(mailboxes):
                 del self.folders[mailbox]
                 changed = True
+            for mailbox in set(self.broken) - set(mailboxes):
+                del self.broken[mailbox]
             now = time.time()
             for mailbox in mailboxes:
-                stamps = self._folder_stamps(mailbox, now)
                 cached = self.folders.get(mailbox)
-                if cached is not None and stamps is not None and cached[0] == stamps:
+                try:
+                    stamps = self._folder_stamps(mailbox, now)
+                    if cached is not None and stamps is not None and cached[0] == stamps:
+                        continue
+                    messages = self.maildir.messages(mailbox)
+                except OSError as exc:      # cur/ a file, EACCES: skip it, list the others
+                    self._unreadable(mailbox, exc)
                     continue
-                messages = self.maildir.messages(mailbox)
+                if self.broken.pop(mailbox, None) is not None:
+                    log.info("http mailbox %s readable again", mailbox)
                 if cached is None or [m.name for m in cached[1]] != [m.name for m in messages]:
                     changed = True
                 self.folders[mailbox] = (stamps, messages)
             if changed:
                 self._rebuild()
             return self.entries, self.by_id
+
+    def _unreadable(self, mailbox: str, exc: OSError) -> None:
+        """Log a mailbox that cannot be listed, once per distinct error; its last listing stays."""
+        problem = "%s: %s" % (exc.__class__.__name__, exc.strerror or exc)
+        if self.broken.get(mailbox) != problem:
+            self.broken[mailbox] = problem
+            log.warning("http cannot list mailbox %s: %s", mailbox, problem)
 
     def _folder_stamps(self, mailbox: str, now: float) -> Optional[tuple]:
         """The mtimes of new/ and cur/, or None when one is too recent to trust."""
@@ -4129,9 +4145,9 @@ class WebRequests:
             raise _http_error(404, "404 page not found\n")
         except Reply as reply:
             self.send(reply.code, reply.text, headers=getattr(reply, "headers", ()))
-        except OSError:
-            raise
-        except Exception as exc:        # a bug must cost one reply, not the server
+        except (ConnectionError, socket.timeout, TimeoutError):
+            raise                       # the client is gone: handle() logs one line
+        except Exception as exc:        # a bug or a disk error costs one reply, not the connection
             log.error("%s http %s failed: %s", self.sid, self.command, exc.__class__.__name__)
             log.debug("traceback", exc_info=True)
             self.send(500, "Internal error\n")

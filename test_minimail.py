@@ -2685,6 +2685,38 @@ def test_http_mailbox_search_acts_on_that_mailbox_only(make_server):
     assert len(delivered(app, "alice@example.test")) == 1
 
 
+
+def test_http_unlistable_mailbox_skipped_not_fatal(web, caplog):
+    kept = send_message(web, b"Subject: fine\r\n\r\nx\r\n", rcpts=("good@example.test",))
+    box = os.path.join(web.maildir.root, "bad@example.test")
+    for sub in ("tmp", "new"):
+        os.makedirs(os.path.join(box, sub))
+    with open(os.path.join(box, "new", "1700000000.M1P1Q1.host"), "wb") as file:
+        file.write(b"Subject: hidden\n\nx\n")
+    with open(os.path.join(box, "cur"), "wb") as file:    # a file where a folder belongs
+        file.write(b"x")
+    with caplog.at_level(logging.WARNING, logger="minimail"):
+        for _ in range(2):
+            data = get_json(web, "/api/v1/messages")
+            assert [message["ID"] for message in data["messages"]] == [kept]
+    warnings = [record for record in caplog.records if "bad@example.test" in record.getMessage()]
+    assert len(warnings) == 1                   # once per mailbox, not once per request
+
+
+def test_http_disk_error_is_a_500_not_a_dropped_connection(web):
+    assert wait_for(lambda: warmed_up(web), timeout=10)
+    root = web.maildir.root
+    os.rename(root, root + ".moved")
+    with open(root, "wb") as file:              # listing the root now fails: NotADirectoryError
+        file.write(b"x")
+    try:
+        status, _, body = http_call(web, "GET", "/api/v1/messages")
+        assert status == 500 and body == b"Internal error\n"
+    finally:
+        os.unlink(root)
+        os.rename(root + ".moved", root)
+
+
 # --- POP3 -----------------------------------------------------------------------------
 
 class RawPOP3(Raw):
