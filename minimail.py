@@ -3441,6 +3441,8 @@ HTTP_SEARCH_TEXT_CHARS = 16384      # body text kept per message for plain-word 
 HTTP_PARSE_LIMIT = 64 * 1024 * 1024     # bytes of one message file the web page reads
 HTTP_EVENT_LOG = 1000               # recent new/delete events kept for event streams
 HTTP_RECENT_DIR_S = 2.0             # a folder changed this recently is listed again (mtime ticks)
+HTTP_SCAN_BATCH_S = 0.1             # waiters woken by a delivery scan at most this often,
+HTTP_SCAN_SHARE = 0.25              # and spend at most about this share of the time scanning
 ID_TIME_RE = re.compile(r"(\d{9,11})\.(?:M(\d{1,6}))?")    # Maildir names start with the time
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s?(k|kb|m|mb)?")
 CID_RE = re.compile(r"""\bcid:([^"'\s<>()]+)""", re.I)
@@ -3507,15 +3509,26 @@ class MessageIndex:
         self.events = []            # (seq, "new" or "delete", ID, frozenset of mailboxes)
         self.seq = 0
         self.scanned = False
+        self.scanned_at = 0.0       # time.monotonic() when the last scan ended
+        self.scan_cost_s = 0.0      # how long it took
+        self.scanned_notice = -1    # the notice count when the last scan began
         self.changed = threading.Condition()    # new mail, deletions, close
         self.notices = 0
         self.closed = False
         self.started = time.monotonic()
         self.stats = {"MessagesDeleted": 0, "SMTPAccepted": 0, "SMTPAcceptedSize": 0}
 
-    def scan(self) -> tuple:
-        """Bring the index up to date with the disk; return (entries newest first, by_id)."""
+    def scan(self, seen: Optional[int] = None) -> tuple:
+        """Bring the index up to date with the disk; return (entries newest first, by_id).
+
+        A waiter woken by notice `seen` passes it: a scan that began after that notice
+        already shows the change, so the other waiters woken with it reuse that scan.
+        """
         with self.lock:
+            if seen is not None and self.scanned_notice >= seen:
+                return self.entries, self.by_id
+            began = self.notices        # every change noticed so far is on disk now
+            started = time.monotonic()
             mailboxes = self.maildir.mailboxes()
             changed = not self.scanned
             for mailbox in set(self.folders) - set(mailboxes):
@@ -3536,11 +3549,17 @@ class MessageIndex:
                     continue
                 if self.broken.pop(mailbox, None) is not None:
                     log.info("http mailbox %s readable again", mailbox)
-                if cached is None or [m.name for m in cached[1]] != [m.name for m in messages]:
+                if cached is not None:      # keep the known objects: their IDs are parsed
+                    known = {(m.folder, m.name): m for m in cached[1]}
+                    messages = [known.get((m.folder, m.name), m) for m in messages]
+                if cached is None or len(messages) != len(cached[1]) \
+                        or any(a is not b for a, b in zip(messages, cached[1])):
                     changed = True
                 self.folders[mailbox] = (stamps, messages)
-            if changed:
-                self._rebuild()
+            if changed and self._rebuild() and self.poke() == began + 1:
+                began += 1              # no other notice came meanwhile, only our own
+            self.scanned_notice, self.scanned_at = began, time.monotonic()
+            self.scan_cost_s = self.scanned_at - started
             return self.entries, self.by_id
 
     def _unreadable(self, mailbox: str, exc: OSError) -> None:
@@ -3563,14 +3582,20 @@ class MessageIndex:
             stamps.append(mtime)
         return tuple(stamps)
 
-    def _rebuild(self) -> None:
-        """Group the listed files by ID, sort newest first and log what came and went."""
+    def _rebuild(self) -> bool:
+        """Group the listed files by ID, sort newest first and log what came and went;
+        True when an event was logged (the caller wakes the waiters)."""
         copies = {}
         for mailbox in sorted(self.folders):
             for message in self.folders[mailbox][1]:
                 copies.setdefault(message.id, []).append(message)
-        entries = [MailEntry(message_id, self._created(message_id, found[0]), tuple(found))
-                   for message_id, found in copies.items()]
+        entries = []
+        for message_id, found in copies.items():
+            entry = self.by_id.get(message_id)      # unchanged entries are reused, not rebuilt
+            if entry is None or len(entry.copies) != len(found) \
+                    or any(a is not b for a, b in zip(entry.copies, found)):
+                entry = MailEntry(message_id, self._created(message_id, found[0]), tuple(found))
+            entries.append(entry)
         entries.sort(key=MailEntry.sort_key, reverse=True)
         by_id = {entry.id: entry for entry in entries}
         logged = self.seq
@@ -3586,8 +3611,7 @@ class MessageIndex:
             for message_id in [key for key in list(cache) if key not in by_id]:
                 cache.pop(message_id, None)
         self.entries, self.by_id, self.scanned = entries, by_id, True
-        if self.seq != logged:
-            self.poke()
+        return self.seq != logged
 
     def _created(self, message_id: str, message: StoredMessage) -> float:
         match = ID_TIME_RE.match(message_id)
@@ -3610,10 +3634,11 @@ class MessageIndex:
             return [event for event in self.events if event[0] > seq]
 
     # Waking waiters: a counter of notices under a condition, so no wake-up is lost.
-    def poke(self) -> None:
+    def poke(self) -> int:
         with self.changed:
             self.notices += 1
             self.changed.notify_all()
+            return self.notices
 
     def notify_new(self, size: int) -> None:
         """Count a delivery of this process and wake the waiters."""
@@ -3628,6 +3653,19 @@ class MessageIndex:
             if self.notices == seen and not self.closed:
                 self.changed.wait(max(0.0, timeout_s))
             return self.notices
+
+    def settle(self) -> int:
+        """Pause a woken waiter a little after the last scan; return the latest notice.
+
+        A burst of deliveries then costs one scan per interval, not one per delivery per
+        waiter (a scan re-lists every folder changed in the last seconds, and over a big
+        maildir takes a while: the interval grows with it, so SMTP keeps the CPU).
+        """
+        interval_s = max(HTTP_SCAN_BATCH_S, self.scan_cost_s * (1 - HTTP_SCAN_SHARE) / HTTP_SCAN_SHARE)
+        pause = self.scanned_at + interval_s - time.monotonic()
+        if pause > 0 and not self.closed:
+            time.sleep(pause)
+        return self.notices
 
     def close(self) -> None:
         with self.changed:
@@ -4290,8 +4328,8 @@ class WebRequests:
         return {"IDs": ids, "Read": read, "Search": search}
 
     # Lookups, limited to the mailboxes this request may see.
-    def entries(self) -> list:
-        entries = self.index.scan()[0]
+    def entries(self, seen: Optional[int] = None) -> list:
+        entries = self.index.scan(seen)[0]
         if self.scope is None:
             return entries
         return [entry for entry in (scoped(entry, self.scope) for entry in entries) if entry]
@@ -4520,8 +4558,9 @@ class WebRequests:
         after = self.query.get("after")
         after_key = self.entry(after).sort_key() if after else None
         seen = self.index.notices
+        fresh = None                # a notice to reuse a scan for, after a wake-up
         while True:
-            entries = self.entries()
+            entries = self.entries(fresh)
             for entry in entries:
                 if after_key is not None and entry.sort_key() <= after_key:
                     break
@@ -4537,7 +4576,9 @@ class WebRequests:
                 raise _http_error(503, "Server stopping\n")
             if remaining <= 0:
                 raise _http_error(408, "No matching message arrived in time\n")
-            seen = self.index.wait_for_change(seen, min(remaining, self.index.scan_interval_s))
+            woke = self.index.wait_for_change(seen, min(remaining, self.index.scan_interval_s))
+            fresh = self.index.settle() if woke != seen else None
+            seen = woke if fresh is None else fresh
 
     def web_events(self) -> None:
         """Beyond Mailpit (SPEC 8): server-sent events `new` (a summary) and `delete` ({"IDs"})."""
@@ -4553,11 +4594,17 @@ class WebRequests:
         last_write = time.monotonic()
         seen = self.index.notices
         while not self.index.closed:
-            seen = self.index.wait_for_change(seen, self.index.scan_interval_s)
-            by_id = self.index.scan()[1]
+            woke = self.index.wait_for_change(seen, self.index.scan_interval_s)
+            if woke != seen:        # a notice: batched, and one scan serves every stream
+                seen = self.index.settle()
+                self.index.scan(seen)
+            else:                   # the timeout: look for mail from other processes
+                self.index.scan()
+            events = self.index.events_after(seq)
+            by_id = self.index.by_id    # as new as the events: another scan may have logged them
             out = []
             deleted = []
-            for seq, kind, message_id, mailboxes in self.index.events_after(seq):
+            for seq, kind, message_id, mailboxes in events:
                 if self.scope is not None and not mailboxes & self.scope:
                     continue
                 if kind == "delete":

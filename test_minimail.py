@@ -2493,6 +2493,28 @@ def test_http_events_stream_new_and_delete(web):
         connection.close()
 
 
+def test_http_event_streams_share_scans_during_a_burst(web):
+    index = web.mail_index
+    streams = [http.client.HTTPConnection("127.0.0.1", web.http_port, timeout=10) for _ in range(4)]
+    try:
+        responses = []
+        for connection in streams:
+            connection.request("GET", "/api/v1/events")
+            responses.append(connection.getresponse())
+        scans = []
+        folder_stamps = index._folder_stamps
+        index._folder_stamps = lambda *args: scans.append(1) or folder_stamps(*args)
+        with smtp_client(web.smtp_port) as client:
+            for number in range(30):
+                client.sendmail("a@sender.test", ["user@example.test"], b"Subject: %d\r\n\r\nx\r\n" % number)
+        for response in responses:
+            assert [read_event(response)[0] for _ in range(30)] == ["new"] * 30
+        assert len(scans) < 30, len(scans)      # was one scan per delivery per stream
+    finally:
+        for connection in streams:
+            connection.close()
+
+
 def test_http_events_and_waits_end_when_the_app_stops(tmp_path):
     app = minimail.App(base_config(tmp_path, http=("127.0.0.1", 0)))
     app.start()
