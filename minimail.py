@@ -3986,15 +3986,21 @@ def summary_fields(fields: dict) -> dict:
 # Search, with Mailpit's syntax: words and "quoted phrases" (all must match), prefixes
 # from: to: cc: bcc: reply-to: addressed: subject: message-id: mailbox:, is:read, is:unread,
 # has:attachment, has:inline, larger:SIZE, smaller:SIZE; a leading - or ! negates a term.
+# Inside double quotes, \" and \\ stand for " and \ (a mailbox name may hold a quote).
 SEARCH_PREFIXES = ("from:", "to:", "cc:", "bcc:", "reply-to:", "addressed:", "subject:",
                    "message-id:", "mailbox:", "larger:", "smaller:")
+SEARCH_MAX_TERMS = 64               # distinct terms in one query: each costs a pass over the mail
 
 
 def _search_tokens(query: str) -> list:
     """Split a query on spaces outside double quotes, dropping the quotes (Mailpit's ArgsParser)."""
     tokens, current, quoted = [], [], False
-    for char in query:
-        if char == '"':
+    chars = iter(query)
+    for char in chars:
+        if char == "\\" and quoted:
+            following = next(chars, "")
+            current.append(following if following in ('"', "\\") else char + following)
+        elif char == '"':
             quoted = not quoted
         elif char.isspace() and not quoted:
             if current:
@@ -4008,7 +4014,8 @@ def _search_tokens(query: str) -> list:
 
 
 def parse_search(query: str) -> list:
-    """Compile a search into a list of (negated, kind, value) terms."""
+    """Compile a search into a list of distinct (negated, kind, value) terms; ValueError
+    for more than SEARCH_MAX_TERMS."""
     terms = []
     for token in _search_tokens(query):
         negated = len(token) > 1 and token[0] in "-!"
@@ -4023,7 +4030,9 @@ def parse_search(query: str) -> list:
                 terms.append((negated, prefix, float(match.group(1)) * unit))
                 continue
             prefix = None
-        if prefix is not None:
+        if prefix == "mailbox:":        # exact, never dropped: an empty name matches nothing
+            terms.append((negated, prefix, lowered[len(prefix):]))
+        elif prefix is not None:
             if lowered[len(prefix):].strip():
                 terms.append((negated, prefix, lowered[len(prefix):].strip()))
         elif lowered in ("is:read", "is:unread", "has:attachment", "has:attachments",
@@ -4031,6 +4040,9 @@ def parse_search(query: str) -> list:
             terms.append((negated, lowered.rstrip("s") if lowered.startswith("has:") else lowered, None))
         elif lowered.strip():
             terms.append((negated, "text", lowered))
+    terms = list(dict.fromkeys(terms))
+    if len(terms) > SEARCH_MAX_TERMS:
+        raise ValueError("more than %d search terms" % SEARCH_MAX_TERMS)
     return terms
 
 
@@ -4353,8 +4365,15 @@ class WebRequests:
             raise _http_error(404, "404 page not found\n")
         return entry, parse_message_safely(entry.id, loaded[1])
 
+    def search_terms(self, query: str) -> list:
+        """parse_search, with too many terms a 400."""
+        try:
+            return parse_search(query)
+        except ValueError as exc:
+            raise _http_error(400, "Error: %s\n" % exc) from None
+
     def matching(self, query: str) -> list:
-        terms = parse_search(query)
+        terms = self.search_terms(query)
         return [entry for entry in self.entries() if search_matches(terms, entry, self.index)]
 
     def summaries(self, everything: list, matched: list) -> dict:
@@ -4371,14 +4390,14 @@ class WebRequests:
 
     def search_query(self) -> str:
         query = self.query.get("query", "").strip()
-        if not parse_search(query):     # blank, or only quotes: never "everything"
+        if not self.search_terms(query):    # blank, or only quotes: never "everything"
             raise _http_error(400, "Error: no search query\n")
         return query
 
     def matching_copies(self, query: str) -> list:
         """The entries a query matches, limited to the copies in the mailboxes it names
         (mailbox:X), so acting on one mailbox's list never touches another mailbox."""
-        named = {value for negated, kind, value in parse_search(query)
+        named = {value for negated, kind, value in self.search_terms(query)
                  if kind == "mailbox:" and not negated}
         return [entry for entry in (scoped(entry, named or None) for entry in self.matching(query))
                 if entry is not None]
@@ -4554,7 +4573,7 @@ class WebRequests:
         if not 0 <= timeout_s < float("inf"):
             raise _http_error(400, "timeout must be a number of seconds\n")
         deadline = time.monotonic() + min(timeout_s, self.wait_max_s)
-        terms = parse_search(self.query.get("query", ""))
+        terms = self.search_terms(self.query.get("query", ""))
         after = self.query.get("after")
         after_key = self.entry(after).sort_key() if after else None
         seen = self.index.notices
@@ -4792,7 +4811,7 @@ function when(text, long) {
 
 function searchText() {
   const parts = [];
-  if (state.box) parts.push("mailbox:\"" + state.box + "\"");
+  if (state.box) parts.push("mailbox:\"" + state.box.replace(/[\\"]/g, "\\$&") + "\"");
   if (state.query) parts.push(state.query);
   return parts.join(" ");
 }

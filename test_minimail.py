@@ -2739,6 +2739,45 @@ def test_http_disk_error_is_a_500_not_a_dropped_connection(web):
         os.rename(root + ".moved", root)
 
 
+
+def test_http_search_term_count_is_limited(web):
+    send_message(web, b"Subject: word\r\n\r\nx\r\n")
+    many = " ".join("w%d" % number for number in range(minimail.SEARCH_MAX_TERMS + 1))
+    assert http_call(web, "GET", "/api/v1/search?query=" + urllib.parse.quote(many))[0] == 400
+    assert http_call(web, "GET", "/api/v1/wait?timeout=0&query=" + urllib.parse.quote(many))[0] == 400
+    status, _, body = http_call(web, "PUT", "/api/v1/messages", json.dumps({"Search": many}).encode())
+    assert status == 400
+    repeated = urllib.parse.quote(" ".join(["word"] * 1000))    # duplicates count once
+    assert json.loads(http_call(web, "GET", "/api/v1/search?query=" + repeated)[2])["messages_count"] == 1
+
+
+def test_http_empty_mailbox_filter_matches_nothing(web):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    for query in ('mailbox:""', 'mailbox: keep', "mailbox:"):
+        status, _, _ = http_call(web, "DELETE", "/api/v1/search?query=" + urllib.parse.quote(query))
+        assert status == 200
+        assert get_json(web, "/api/v1/search?query=" + urllib.parse.quote(query))["messages_count"] == 0
+    assert len(stored_files(web, "user@example.test")) == 1
+
+
+def test_http_mailbox_filter_with_a_quote_in_the_name(web):
+    with Raw(web.smtp_port) as client:
+        client.send(b'EHLO c\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<"\\" "@example.test>\r\nDATA\r\n')
+        assert [client.read_reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        client.send(b"Subject: odd\r\n\r\nx\r\n.\r\n")
+        assert client.read_reply()[0] == 250
+    send_message(web, b"Subject: other\r\n\r\nx\r\n")
+    odd = '" @example.test'
+    assert len(stored_files(web, odd)) == 1
+    query = 'mailbox:"%s"' % odd.replace("\\", "\\\\").replace('"', '\\"')    # as the page builds it
+    data = get_json(web, "/api/v1/search?query=" + urllib.parse.quote(query))
+    assert [message["Subject"] for message in data["messages"]] == ["odd"]
+    assert http_call(web, "DELETE", "/api/v1/search?query=" + urllib.parse.quote(query))[0] == 200
+    assert stored_files(web, odd) == [] and len(stored_files(web, "user@example.test")) == 1
+    page = http_call(web, "GET", "/")[2].decode()
+    assert 'state.box.replace(/[\\\\"]/g, "\\\\$&")' in page
+
+
 # --- POP3 -----------------------------------------------------------------------------
 
 class RawPOP3(Raw):
