@@ -4493,6 +4493,7 @@ class WebRequests:
 
     def web_raw(self, message_id: str) -> None:
         """The stored file as text/plain, streamed; ?dl=1 downloads it as ID.eml."""
+        import urllib.parse
         entry = self.entry(message_id)
         opened = None
         for copy in entry.copies:
@@ -4508,7 +4509,9 @@ class WebRequests:
             self.send_header("Content-Length", str(size))
             self.send_security_headers(HTTP_API_CSP)
             if self.query.get("dl") == "1":
-                self.send_header("Content-Disposition", 'attachment; filename="%s.eml"' % entry.id)
+                # A file name may hold quotes or control characters: never raw into a header.
+                self.send_header("Content-Disposition",
+                                 'attachment; filename="%s.eml"' % urllib.parse.quote(entry.id))
             if not self.body_read:
                 self.send_header("Connection", "close")
                 self.close_connection = True

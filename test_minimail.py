@@ -2778,6 +2778,19 @@ def test_http_mailbox_filter_with_a_quote_in_the_name(web):
     assert 'state.box.replace(/[\\\\"]/g, "\\\\$&")' in page
 
 
+
+def test_http_raw_download_name_is_quoted(web):
+    box = os.path.join(web.maildir.root, "user@example.test")
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(box, sub))
+    name = '1700000000.M1P1Q1.a"; x=y'
+    with open(os.path.join(box, "new", name), "wb") as file:
+        file.write(b"Subject: odd name\n\nx\n")
+    status, headers, body = http_call(web, "GET", "/api/v1/message/%s/raw?dl=1" % urllib.parse.quote(name))
+    assert status == 200 and body == b"Subject: odd name\n\nx\n"
+    assert headers["Content-Disposition"] == 'attachment; filename="%s.eml"' % urllib.parse.quote(name)
+
+
 # --- POP3 -----------------------------------------------------------------------------
 
 class RawPOP3(Raw):
