@@ -5424,8 +5424,12 @@ def list_queue(argv: list) -> int:
                         help="root of all mailboxes (default: ./maildir)")
     args = parser.parse_args(argv)
     queue = Queue(os.path.abspath(args.maildir))
+    try:
+        message_ids = queue.ids()
+    except OSError as exc:          # --maildir names a file, or .queue is unreadable
+        raise UsageError("cannot read the queue in %s: %s" % (args.maildir, exc.strerror or exc)) from None
     now = time.time()
-    for message_id in queue.ids():
+    for message_id in message_ids:
         entry = queue.load(message_id)
         if entry is None:
             continue

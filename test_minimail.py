@@ -1186,6 +1186,21 @@ def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
     assert "Traceback" not in result.stderr
 
 
+
+@pytest.mark.parametrize("layout", ["maildir is a file", ".queue is a file"])
+def test_cli_queue_unreadable_is_one_line_exit_2(tmp_path, layout):
+    maildir = tmp_path / "md"
+    if layout == "maildir is a file":
+        maildir.write_bytes(b"x")
+    else:
+        maildir.mkdir()
+        (maildir / ".queue").write_bytes(b"x")
+    result = run_cli("queue", "--maildir", str(maildir))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "queue" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def start_cli(tmp_path, *args):
     """Start minimail as a process; return it and its startup lines (ports read from them)."""
     process = subprocess.Popen([sys.executable, MINIMAIL, "--maildir", str(tmp_path / "md"),
