@@ -4288,7 +4288,7 @@ class WebRequests:
         if "Transfer-Encoding" in self.headers:
             raise _http_error(411, "Content-Length required\n")
         length = self.headers.get("Content-Length", "0").strip() or "0"
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):     # isdigit() alone takes '²'
             raise _http_error(400, "Bad Content-Length\n")
         if int(length) > self.max_body_bytes:
             raise _http_error(413, "Request body too large\n")
@@ -4654,7 +4654,7 @@ def _sse(event: str, data) -> bytes:
 
 def _int_param(text: Optional[str], default: int) -> int:
     """A positive integer query parameter; anything else means the default (as Mailpit)."""
-    value = int(text) if text and text.isdigit() and len(text) < 10 else 0
+    value = int(text) if text and text.isascii() and text.isdigit() and len(text) < 10 else 0
     return value if value > 0 else default
 
 

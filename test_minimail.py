@@ -2806,6 +2806,18 @@ def test_http_raw_download_name_is_quoted(web):
     assert headers["Content-Disposition"] == 'attachment; filename="%s.eml"' % urllib.parse.quote(name)
 
 
+
+def test_http_unicode_digits_are_not_numbers(web):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    data = get_json(web, "/api/v1/messages?start=%C2%B2&limit=%D9%A3")     # superscript 2, Arabic 3
+    assert data["start"] == 0 and data["count"] == 1        # anything but ASCII digits: the default
+    with socket.create_connection(("127.0.0.1", web.http_port), timeout=5) as client:
+        client.sendall(b"DELETE /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n")
+        reply = client.recv(65536)
+    assert reply.split()[1] == b"400", reply[:200]
+    assert len(stored_files(web, "user@example.test")) == 1
+
+
 # --- POP3 -----------------------------------------------------------------------------
 
 class RawPOP3(Raw):
