@@ -5352,6 +5352,9 @@ def config_from_args(args) -> Config:
         raise ValueError("--mx-port must be a port number")
     if args.smarthost_auth and not args.smarthost:
         raise ValueError("--smarthost-auth needs --smarthost")
+    if not args.hostname or CONTROL_RE.search(args.hostname) \
+            or any(char.isspace() for char in args.hostname):   # it goes into the greeting and Received:
+        raise ValueError("bad --hostname %r (no spaces or control characters)" % args.hostname)
     return Config(
         domains=domains, maildir=args.maildir, smtp=args.smtp, submission=args.submission,
         http=args.http, pop3=args.pop3,

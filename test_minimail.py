@@ -1178,6 +1178,8 @@ def test_cli_help_lists_options_with_defaults():
     (["--submission", "0.0.0.0:0", "--smtp", "off"], "needs accounts"),
     (["--users", "/nonexistent/users"], "users file"),
     (["--domain", "bad_domain!"], "domain"),
+    (["--hostname", "mx.test\r\n250 evil"], "--hostname"), (["--hostname", "mx test"], "--hostname"),
+    (["--hostname", "mx\x7f.test"], "--hostname"), (["--hostname", ""], "--hostname"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
     result = run_cli("--maildir", str(tmp_path), *args)
