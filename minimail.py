@@ -4158,6 +4158,8 @@ class WebRequests:
         log.info("%s http %s", self.sid, format % args)
 
     def log_request(self, code="-", size="-"):
+        if isinstance(code, int):       # HTTPStatus prints as its name before Python 3.11
+            code = int(code)
         log.info("%s http %s %s %s", self.sid, getattr(self, "command", None),
                  getattr(self, "path", "")[:200], code)
 

@@ -2820,6 +2820,17 @@ def test_http_unicode_digits_are_not_numbers(web):
     assert len(stored_files(web, "user@example.test")) == 1
 
 
+
+def test_http_log_shows_status_numbers(web, caplog):
+    with caplog.at_level(logging.INFO, logger="minimail"):
+        with socket.create_connection(("127.0.0.1", web.http_port), timeout=5) as client:
+            client.sendall(b"PATCH /api/v1/messages HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert client.recv(65536).split()[1] == b"501"
+        assert wait_for(lambda: any(record.getMessage().endswith(" PATCH /api/v1/messages 501")
+                                    for record in caplog.records), timeout=5)
+    assert not any("HTTPStatus" in record.getMessage() for record in caplog.records)
+
+
 # --- POP3 -----------------------------------------------------------------------------
 
 class RawPOP3(Raw):
