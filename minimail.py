@@ -3442,7 +3442,8 @@ HTTP_PARSE_LIMIT = 64 * 1024 * 1024     # bytes of one message file the web page
 HTTP_EVENT_LOG = 1000               # recent new/delete events kept for event streams
 HTTP_RECENT_DIR_S = 2.0             # a folder changed this recently is listed again (mtime ticks)
 HTTP_SCAN_BATCH_S = 0.1             # waiters woken by a delivery scan at most this often,
-HTTP_SCAN_SHARE = 0.25              # and spend at most about this share of the time scanning
+HTTP_SCAN_SHARE = 0.25              # and spend at most about this share of the time scanning,
+HTTP_SCAN_BATCH_MAX_S = 1.0         # but never wait longer than this to pass a delivery on
 ID_TIME_RE = re.compile(r"(\d{9,11})\.(?:M(\d{1,6}))?")    # Maildir names start with the time
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s?(k|kb|m|mb)?")
 CID_RE = re.compile(r"""\bcid:([^"'\s<>()]+)""", re.I)
@@ -3661,7 +3662,8 @@ class MessageIndex:
         waiter (a scan re-lists every folder changed in the last seconds, and over a big
         maildir takes a while: the interval grows with it, so SMTP keeps the CPU).
         """
-        interval_s = max(HTTP_SCAN_BATCH_S, self.scan_cost_s * (1 - HTTP_SCAN_SHARE) / HTTP_SCAN_SHARE)
+        interval_s = self.scan_cost_s * (1 - HTTP_SCAN_SHARE) / HTTP_SCAN_SHARE
+        interval_s = min(max(HTTP_SCAN_BATCH_S, interval_s), HTTP_SCAN_BATCH_MAX_S)
         pause = self.scanned_at + interval_s - time.monotonic()
         if pause > 0 and not self.closed:
             time.sleep(pause)
