@@ -3542,6 +3542,9 @@ HTTP_SEARCH_TEXT_CHARS = 16384      # body text kept per message for plain-word 
 HTTP_PARSE_LIMIT = 64 * 1024 * 1024     # bytes of one message file the web page reads
 HTTP_EVENT_LOG = 1000               # recent new/delete events kept for event streams
 HTTP_RECENT_DIR_S = 2.0             # a folder changed this recently is listed again (mtime ticks)
+HTTP_SCAN_BATCH_S = 0.1             # waiters woken by a delivery scan at most this often,
+HTTP_SCAN_SHARE = 0.25              # and spend at most about this share of the time scanning,
+HTTP_SCAN_BATCH_MAX_S = 1.0         # but never wait longer than this to pass a delivery on
 ID_TIME_RE = re.compile(r"(\d{9,11})\.(?:M(\d{1,6}))?")    # Maildir names start with the time
 SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)\s?(k|kb|m|mb)?")
 CID_RE = re.compile(r"""\bcid:([^"'\s<>()]+)""", re.I)
@@ -3604,36 +3607,69 @@ class MessageIndex:
         self.by_id = {}
         self.summaries = {}         # message ID -> parsed summary fields (parsed once)
         self.created = {}           # message ID -> mtime, for names without a time
+        self.broken = {}            # mailbox -> the error last logged for it
         self.events = []            # (seq, "new" or "delete", ID, frozenset of mailboxes)
         self.seq = 0
         self.scanned = False
+        self.scanned_at = 0.0       # time.monotonic() when the last scan ended
+        self.scan_cost_s = 0.0      # how long it took
+        self.scanned_notice = -1    # the notice count when the last scan began
         self.changed = threading.Condition()    # new mail, deletions, close
         self.notices = 0
         self.closed = False
         self.started = time.monotonic()
         self.stats = {"MessagesDeleted": 0, "SMTPAccepted": 0, "SMTPAcceptedSize": 0}
 
-    def scan(self) -> tuple:
-        """Bring the index up to date with the disk; return (entries newest first, by_id)."""
+    def scan(self, seen: Optional[int] = None) -> tuple:
+        """Bring the index up to date with the disk; return (entries newest first, by_id).
+
+        A waiter woken by notice `seen` passes it: a scan that began after that notice
+        already shows the change, so the other waiters woken with it reuse that scan.
+        """
         with self.lock:
+            if seen is not None and self.scanned_notice >= seen:
+                return self.entries, self.by_id
+            began = self.notices        # every change noticed so far is on disk now
+            started = time.monotonic()
             mailboxes = self.maildir.mailboxes()
             changed = not self.scanned
             for mailbox in set(self.folders) - set(mailboxes):
                 del self.folders[mailbox]
                 changed = True
+            for mailbox in set(self.broken) - set(mailboxes):
+                del self.broken[mailbox]
             now = time.time()
             for mailbox in mailboxes:
-                stamps = self._folder_stamps(mailbox, now)
                 cached = self.folders.get(mailbox)
-                if cached is not None and stamps is not None and cached[0] == stamps:
+                try:
+                    stamps = self._folder_stamps(mailbox, now)
+                    if cached is not None and stamps is not None and cached[0] == stamps:
+                        continue
+                    messages = self.maildir.messages(mailbox)
+                except OSError as exc:      # cur/ a file, EACCES: skip it, list the others
+                    self._unreadable(mailbox, exc)
                     continue
-                messages = self.maildir.messages(mailbox)
-                if cached is None or [m.name for m in cached[1]] != [m.name for m in messages]:
+                if self.broken.pop(mailbox, None) is not None:
+                    log.info("http mailbox %s readable again", mailbox)
+                if cached is not None:      # keep the known objects: their IDs are parsed
+                    known = {(m.folder, m.name): m for m in cached[1]}
+                    messages = [known.get((m.folder, m.name), m) for m in messages]
+                if cached is None or len(messages) != len(cached[1]) \
+                        or any(a is not b for a, b in zip(messages, cached[1])):
                     changed = True
                 self.folders[mailbox] = (stamps, messages)
-            if changed:
-                self._rebuild()
+            if changed and self._rebuild() and self.poke() == began + 1:
+                began += 1              # no other notice came meanwhile, only our own
+            self.scanned_notice, self.scanned_at = began, time.monotonic()
+            self.scan_cost_s = self.scanned_at - started
             return self.entries, self.by_id
+
+    def _unreadable(self, mailbox: str, exc: OSError) -> None:
+        """Log a mailbox that cannot be listed, once per distinct error; its last listing stays."""
+        problem = "%s: %s" % (exc.__class__.__name__, exc.strerror or exc)
+        if self.broken.get(mailbox) != problem:
+            self.broken[mailbox] = problem
+            log.warning("http cannot list mailbox %s: %s", mailbox, problem)
 
     def _folder_stamps(self, mailbox: str, now: float) -> Optional[tuple]:
         """The mtimes of new/ and cur/, or None when one is too recent to trust."""
@@ -3648,14 +3684,20 @@ class MessageIndex:
             stamps.append(mtime)
         return tuple(stamps)
 
-    def _rebuild(self) -> None:
-        """Group the listed files by ID, sort newest first and log what came and went."""
+    def _rebuild(self) -> bool:
+        """Group the listed files by ID, sort newest first and log what came and went;
+        True when an event was logged (the caller wakes the waiters)."""
         copies = {}
         for mailbox in sorted(self.folders):
             for message in self.folders[mailbox][1]:
                 copies.setdefault(message.id, []).append(message)
-        entries = [MailEntry(message_id, self._created(message_id, found[0]), tuple(found))
-                   for message_id, found in copies.items()]
+        entries = []
+        for message_id, found in copies.items():
+            entry = self.by_id.get(message_id)      # unchanged entries are reused, not rebuilt
+            if entry is None or len(entry.copies) != len(found) \
+                    or any(a is not b for a, b in zip(entry.copies, found)):
+                entry = MailEntry(message_id, self._created(message_id, found[0]), tuple(found))
+            entries.append(entry)
         entries.sort(key=MailEntry.sort_key, reverse=True)
         by_id = {entry.id: entry for entry in entries}
         logged = self.seq
@@ -3671,8 +3713,7 @@ class MessageIndex:
             for message_id in [key for key in list(cache) if key not in by_id]:
                 cache.pop(message_id, None)
         self.entries, self.by_id, self.scanned = entries, by_id, True
-        if self.seq != logged:
-            self.poke()
+        return self.seq != logged
 
     def _created(self, message_id: str, message: StoredMessage) -> float:
         match = ID_TIME_RE.match(message_id)
@@ -3695,10 +3736,11 @@ class MessageIndex:
             return [event for event in self.events if event[0] > seq]
 
     # Waking waiters: a counter of notices under a condition, so no wake-up is lost.
-    def poke(self) -> None:
+    def poke(self) -> int:
         with self.changed:
             self.notices += 1
             self.changed.notify_all()
+            return self.notices
 
     def notify_new(self, size: int) -> None:
         """Count a delivery of this process and wake the waiters."""
@@ -3713,6 +3755,20 @@ class MessageIndex:
             if self.notices == seen and not self.closed:
                 self.changed.wait(max(0.0, timeout_s))
             return self.notices
+
+    def settle(self) -> int:
+        """Pause a woken waiter a little after the last scan; return the latest notice.
+
+        A burst of deliveries then costs one scan per interval, not one per delivery per
+        waiter (a scan re-lists every folder changed in the last seconds, and over a big
+        maildir takes a while: the interval grows with it, so SMTP keeps the CPU).
+        """
+        interval_s = self.scan_cost_s * (1 - HTTP_SCAN_SHARE) / HTTP_SCAN_SHARE
+        interval_s = min(max(HTTP_SCAN_BATCH_S, interval_s), HTTP_SCAN_BATCH_MAX_S)
+        pause = self.scanned_at + interval_s - time.monotonic()
+        if pause > 0 and not self.closed:
+            time.sleep(pause)
+        return self.notices
 
     def close(self) -> None:
         with self.changed:
@@ -4033,15 +4089,21 @@ def summary_fields(fields: dict) -> dict:
 # Search, with Mailpit's syntax: words and "quoted phrases" (all must match), prefixes
 # from: to: cc: bcc: reply-to: addressed: subject: message-id: mailbox:, is:read, is:unread,
 # has:attachment, has:inline, larger:SIZE, smaller:SIZE; a leading - or ! negates a term.
+# Inside double quotes, \" and \\ stand for " and \ (a mailbox name may hold a quote).
 SEARCH_PREFIXES = ("from:", "to:", "cc:", "bcc:", "reply-to:", "addressed:", "subject:",
                    "message-id:", "mailbox:", "larger:", "smaller:")
+SEARCH_MAX_TERMS = 64               # distinct terms in one query: each costs a pass over the mail
 
 
 def _search_tokens(query: str) -> list:
     """Split a query on spaces outside double quotes, dropping the quotes (Mailpit's ArgsParser)."""
     tokens, current, quoted = [], [], False
-    for char in query:
-        if char == '"':
+    chars = iter(query)
+    for char in chars:
+        if char == "\\" and quoted:
+            following = next(chars, "")
+            current.append(following if following in ('"', "\\") else char + following)
+        elif char == '"':
             quoted = not quoted
         elif char.isspace() and not quoted:
             if current:
@@ -4055,7 +4117,8 @@ def _search_tokens(query: str) -> list:
 
 
 def parse_search(query: str) -> list:
-    """Compile a search into a list of (negated, kind, value) terms."""
+    """Compile a search into a list of distinct (negated, kind, value) terms; ValueError
+    for more than SEARCH_MAX_TERMS."""
     terms = []
     for token in _search_tokens(query):
         negated = len(token) > 1 and token[0] in "-!"
@@ -4070,7 +4133,9 @@ def parse_search(query: str) -> list:
                 terms.append((negated, prefix, float(match.group(1)) * unit))
                 continue
             prefix = None
-        if prefix is not None:
+        if prefix == "mailbox:":        # exact, never dropped: an empty name matches nothing
+            terms.append((negated, prefix, lowered[len(prefix):]))
+        elif prefix is not None:
             if lowered[len(prefix):].strip():
                 terms.append((negated, prefix, lowered[len(prefix):].strip()))
         elif lowered in ("is:read", "is:unread", "has:attachment", "has:attachments",
@@ -4078,6 +4143,9 @@ def parse_search(query: str) -> list:
             terms.append((negated, lowered.rstrip("s") if lowered.startswith("has:") else lowered, None))
         elif lowered.strip():
             terms.append((negated, "text", lowered))
+    terms = list(dict.fromkeys(terms))
+    if len(terms) > SEARCH_MAX_TERMS:
+        raise ValueError("more than %d search terms" % SEARCH_MAX_TERMS)
     return terms
 
 
@@ -4193,6 +4261,8 @@ class WebRequests:
         log.info("%s http %s", self.sid, format % args)
 
     def log_request(self, code="-", size="-"):
+        if isinstance(code, int):       # HTTPStatus prints as its name before Python 3.11
+            code = int(code)
         log.info("%s http %s %s %s", self.sid, getattr(self, "command", None),
                  getattr(self, "path", "")[:200], code)
 
@@ -4230,9 +4300,9 @@ class WebRequests:
             raise _http_error(404, "404 page not found\n")
         except Reply as reply:
             self.send(reply.code, reply.text, headers=getattr(reply, "headers", ()))
-        except OSError:
-            raise
-        except Exception as exc:        # a bug must cost one reply, not the server
+        except (ConnectionError, socket.timeout, TimeoutError):
+            raise                       # the client is gone: handle() logs one line
+        except Exception as exc:        # a bug or a disk error costs one reply, not the connection
             log.error("%s http %s failed: %s", self.sid, self.command, exc.__class__.__name__)
             log.debug("traceback", exc_info=True)
             self.send(500, "Internal error\n")
@@ -4323,7 +4393,7 @@ class WebRequests:
         if "Transfer-Encoding" in self.headers:
             raise _http_error(411, "Content-Length required\n")
         length = self.headers.get("Content-Length", "0").strip() or "0"
-        if not length.isdigit():
+        if not (length.isascii() and length.isdigit()):     # isdigit() alone takes '²'
             raise _http_error(400, "Bad Content-Length\n")
         if int(length) > self.max_body_bytes:
             raise _http_error(413, "Request body too large\n")
@@ -4375,8 +4445,8 @@ class WebRequests:
         return {"IDs": ids, "Read": read, "Search": search}
 
     # Lookups, limited to the mailboxes this request may see.
-    def entries(self) -> list:
-        entries = self.index.scan()[0]
+    def entries(self, seen: Optional[int] = None) -> list:
+        entries = self.index.scan(seen)[0]
         if self.scope is None:
             return entries
         return [entry for entry in (scoped(entry, self.scope) for entry in entries) if entry]
@@ -4400,8 +4470,15 @@ class WebRequests:
             raise _http_error(404, "404 page not found\n")
         return entry, parse_message_safely(entry.id, loaded[1])
 
+    def search_terms(self, query: str) -> list:
+        """parse_search, with too many terms a 400."""
+        try:
+            return parse_search(query)
+        except ValueError as exc:
+            raise _http_error(400, "Error: %s\n" % exc) from None
+
     def matching(self, query: str) -> list:
-        terms = parse_search(query)
+        terms = self.search_terms(query)
         return [entry for entry in self.entries() if search_matches(terms, entry, self.index)]
 
     def summaries(self, everything: list, matched: list) -> dict:
@@ -4418,14 +4495,14 @@ class WebRequests:
 
     def search_query(self) -> str:
         query = self.query.get("query", "").strip()
-        if not parse_search(query):     # blank, or only quotes: never "everything"
+        if not self.search_terms(query):    # blank, or only quotes: never "everything"
             raise _http_error(400, "Error: no search query\n")
         return query
 
     def matching_copies(self, query: str) -> list:
         """The entries a query matches, limited to the copies in the mailboxes it names
         (mailbox:X), so acting on one mailbox's list never touches another mailbox."""
-        named = {value for negated, kind, value in parse_search(query)
+        named = {value for negated, kind, value in self.search_terms(query)
                  if kind == "mailbox:" and not negated}
         return [entry for entry in (scoped(entry, named or None) for entry in self.matching(query))
                 if entry is not None]
@@ -4521,6 +4598,7 @@ class WebRequests:
 
     def web_raw(self, message_id: str) -> None:
         """The stored file as text/plain, streamed; ?dl=1 downloads it as ID.eml."""
+        import urllib.parse
         entry = self.entry(message_id)
         opened = None
         for copy in entry.copies:
@@ -4536,7 +4614,9 @@ class WebRequests:
             self.send_header("Content-Length", str(size))
             self.send_security_headers(HTTP_API_CSP)
             if self.query.get("dl") == "1":
-                self.send_header("Content-Disposition", 'attachment; filename="%s.eml"' % entry.id)
+                # A file name may hold quotes or control characters: never raw into a header.
+                self.send_header("Content-Disposition",
+                                 'attachment; filename="%s.eml"' % urllib.parse.quote(entry.id))
             if not self.body_read:
                 self.send_header("Connection", "close")
                 self.close_connection = True
@@ -4601,12 +4681,13 @@ class WebRequests:
         if not 0 <= timeout_s < float("inf"):
             raise _http_error(400, "timeout must be a number of seconds\n")
         deadline = time.monotonic() + min(timeout_s, self.wait_max_s)
-        terms = parse_search(self.query.get("query", ""))
+        terms = self.search_terms(self.query.get("query", ""))
         after = self.query.get("after")
         after_key = self.entry(after).sort_key() if after else None
         seen = self.index.notices
+        fresh = None                # a notice to reuse a scan for, after a wake-up
         while True:
-            entries = self.entries()
+            entries = self.entries(fresh)
             for entry in entries:
                 if after_key is not None and entry.sort_key() <= after_key:
                     break
@@ -4622,7 +4703,9 @@ class WebRequests:
                 raise _http_error(503, "Server stopping\n")
             if remaining <= 0:
                 raise _http_error(408, "No matching message arrived in time\n")
-            seen = self.index.wait_for_change(seen, min(remaining, self.index.scan_interval_s))
+            woke = self.index.wait_for_change(seen, min(remaining, self.index.scan_interval_s))
+            fresh = self.index.settle() if woke != seen else None
+            seen = woke if fresh is None else fresh
 
     def web_events(self) -> None:
         """Beyond Mailpit (SPEC 8): server-sent events `new` (a summary) and `delete` ({"IDs"})."""
@@ -4638,11 +4721,17 @@ class WebRequests:
         last_write = time.monotonic()
         seen = self.index.notices
         while not self.index.closed:
-            seen = self.index.wait_for_change(seen, self.index.scan_interval_s)
-            by_id = self.index.scan()[1]
+            woke = self.index.wait_for_change(seen, self.index.scan_interval_s)
+            if woke != seen:        # a notice: batched, and one scan serves every stream
+                seen = self.index.settle()
+                self.index.scan(seen)
+            else:                   # the timeout: look for mail from other processes
+                self.index.scan()
+            events = self.index.events_after(seq)
+            by_id = self.index.by_id    # as new as the events: another scan may have logged them
             out = []
             deleted = []
-            for seq, kind, message_id, mailboxes in self.index.events_after(seq):
+            for seq, kind, message_id, mailboxes in events:
                 if self.scope is not None and not mailboxes & self.scope:
                     continue
                 if kind == "delete":
@@ -4670,7 +4759,7 @@ def _sse(event: str, data) -> bytes:
 
 def _int_param(text: Optional[str], default: int) -> int:
     """A positive integer query parameter; anything else means the default (as Mailpit)."""
-    value = int(text) if text and text.isdigit() and len(text) < 10 else 0
+    value = int(text) if text and text.isascii() and text.isdigit() and len(text) < 10 else 0
     return value if value > 0 else default
 
 
@@ -4830,7 +4919,7 @@ function when(text, long) {
 
 function searchText() {
   const parts = [];
-  if (state.box) parts.push("mailbox:\"" + state.box + "\"");
+  if (state.box) parts.push("mailbox:\"" + state.box.replace(/[\\"]/g, "\\$&") + "\"");
   if (state.query) parts.push(state.query);
   return parts.join(" ");
 }
@@ -5365,6 +5454,9 @@ def config_from_args(args) -> Config:
         raise ValueError("--mx-port must be a port number")
     if args.smarthost_auth and not args.smarthost:
         raise ValueError("--smarthost-auth needs --smarthost")
+    if not args.hostname or CONTROL_RE.search(args.hostname) \
+            or any(char.isspace() for char in args.hostname):   # it goes into the greeting and Received:
+        raise ValueError("bad --hostname %r (no spaces or control characters)" % args.hostname)
     return Config(
         domains=domains, maildir=args.maildir, smtp=args.smtp, submission=args.submission,
         http=args.http, pop3=args.pop3,
@@ -5437,8 +5529,12 @@ def list_queue(argv: list) -> int:
                         help="root of all mailboxes (default: ./maildir)")
     args = parser.parse_args(argv)
     queue = Queue(os.path.abspath(args.maildir))
+    try:
+        message_ids = queue.ids()
+    except OSError as exc:          # --maildir names a file, or .queue is unreadable
+        raise UsageError("cannot read the queue in %s: %s" % (args.maildir, exc.strerror or exc)) from None
     now = time.time()
-    for message_id in queue.ids():
+    for message_id in message_ids:
         entry = queue.load(message_id)
         if entry is None:
             continue

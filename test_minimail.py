@@ -1233,11 +1233,28 @@ def test_cli_help_lists_options_with_defaults():
     (["--submission", "0.0.0.0:0", "--smtp", "off"], "needs accounts"),
     (["--users", "/nonexistent/users"], "users file"),
     (["--domain", "bad_domain!"], "domain"),
+    (["--hostname", "mx.test\r\n250 evil"], "--hostname"), (["--hostname", "mx test"], "--hostname"),
+    (["--hostname", "mx\x7f.test"], "--hostname"), (["--hostname", ""], "--hostname"),
 ])
 def test_cli_errors_are_one_line_exit_2(tmp_path, args, message):
     result = run_cli("--maildir", str(tmp_path), *args)
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr
+
+
+
+@pytest.mark.parametrize("layout", ["maildir is a file", ".queue is a file"])
+def test_cli_queue_unreadable_is_one_line_exit_2(tmp_path, layout):
+    maildir = tmp_path / "md"
+    if layout == "maildir is a file":
+        maildir.write_bytes(b"x")
+    else:
+        maildir.mkdir()
+        (maildir / ".queue").write_bytes(b"x")
+    result = run_cli("queue", "--maildir", str(maildir))
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and "queue" in result.stderr, result.stderr
     assert "Traceback" not in result.stderr
 
 
@@ -2807,6 +2824,28 @@ def test_http_events_stream_new_and_delete(web):
         connection.close()
 
 
+def test_http_event_streams_share_scans_during_a_burst(web):
+    index = web.mail_index
+    streams = [http.client.HTTPConnection("127.0.0.1", web.http_port, timeout=10) for _ in range(4)]
+    try:
+        responses = []
+        for connection in streams:
+            connection.request("GET", "/api/v1/events")
+            responses.append(connection.getresponse())
+        scans = []
+        folder_stamps = index._folder_stamps
+        index._folder_stamps = lambda *args: scans.append(1) or folder_stamps(*args)
+        with smtp_client(web.smtp_port) as client:
+            for number in range(30):
+                client.sendmail("a@sender.test", ["user@example.test"], b"Subject: %d\r\n\r\nx\r\n" % number)
+        for response in responses:
+            assert [read_event(response)[0] for _ in range(30)] == ["new"] * 30
+        assert len(scans) < 30, len(scans)      # was one scan per delivery per stream
+    finally:
+        for connection in streams:
+            connection.close()
+
+
 def test_http_events_and_waits_end_when_the_app_stops(tmp_path):
     app = minimail.App(base_config(tmp_path, http=("127.0.0.1", 0)))
     app.start()
@@ -2997,6 +3036,113 @@ def test_http_mailbox_search_acts_on_that_mailbox_only(make_server):
     assert delivered(app, "bob@example.test") == []
     assert len(delivered(app, "jimbob@example.test")) == 1
     assert len(delivered(app, "alice@example.test")) == 1
+
+
+
+def test_http_unlistable_mailbox_skipped_not_fatal(web, caplog):
+    kept = send_message(web, b"Subject: fine\r\n\r\nx\r\n", rcpts=("good@example.test",))
+    box = os.path.join(web.maildir.root, "bad@example.test")
+    for sub in ("tmp", "new"):
+        os.makedirs(os.path.join(box, sub))
+    with open(os.path.join(box, "new", "1700000000.M1P1Q1.host"), "wb") as file:
+        file.write(b"Subject: hidden\n\nx\n")
+    with open(os.path.join(box, "cur"), "wb") as file:    # a file where a folder belongs
+        file.write(b"x")
+    with caplog.at_level(logging.WARNING, logger="minimail"):
+        for _ in range(2):
+            data = get_json(web, "/api/v1/messages")
+            assert [message["ID"] for message in data["messages"]] == [kept]
+    warnings = [record for record in caplog.records if "bad@example.test" in record.getMessage()]
+    assert len(warnings) == 1                   # once per mailbox, not once per request
+
+
+def test_http_disk_error_is_a_500_not_a_dropped_connection(web):
+    assert wait_for(lambda: warmed_up(web), timeout=10)
+    root = web.maildir.root
+    os.rename(root, root + ".moved")
+    with open(root, "wb") as file:              # listing the root now fails: NotADirectoryError
+        file.write(b"x")
+    try:
+        status, _, body = http_call(web, "GET", "/api/v1/messages")
+        assert status == 500 and body == b"Internal error\n"
+    finally:
+        os.unlink(root)
+        os.rename(root + ".moved", root)
+
+
+
+def test_http_search_term_count_is_limited(web):
+    send_message(web, b"Subject: word\r\n\r\nx\r\n")
+    many = " ".join("w%d" % number for number in range(minimail.SEARCH_MAX_TERMS + 1))
+    assert http_call(web, "GET", "/api/v1/search?query=" + urllib.parse.quote(many))[0] == 400
+    assert http_call(web, "GET", "/api/v1/wait?timeout=0&query=" + urllib.parse.quote(many))[0] == 400
+    status, _, body = http_call(web, "PUT", "/api/v1/messages", json.dumps({"Search": many}).encode())
+    assert status == 400
+    repeated = urllib.parse.quote(" ".join(["word"] * 1000))    # duplicates count once
+    assert json.loads(http_call(web, "GET", "/api/v1/search?query=" + repeated)[2])["messages_count"] == 1
+
+
+def test_http_empty_mailbox_filter_matches_nothing(web):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    for query in ('mailbox:""', 'mailbox: keep', "mailbox:"):
+        status, _, _ = http_call(web, "DELETE", "/api/v1/search?query=" + urllib.parse.quote(query))
+        assert status == 200
+        assert get_json(web, "/api/v1/search?query=" + urllib.parse.quote(query))["messages_count"] == 0
+    assert len(stored_files(web, "user@example.test")) == 1
+
+
+def test_http_mailbox_filter_with_a_quote_in_the_name(web):
+    with Raw(web.smtp_port) as client:
+        client.send(b'EHLO c\r\nMAIL FROM:<a@sender.test>\r\nRCPT TO:<"\\" "@example.test>\r\nDATA\r\n')
+        assert [client.read_reply()[0] for _ in range(4)] == [250, 250, 250, 354]
+        client.send(b"Subject: odd\r\n\r\nx\r\n.\r\n")
+        assert client.read_reply()[0] == 250
+    send_message(web, b"Subject: other\r\n\r\nx\r\n")
+    odd = '" @example.test'
+    assert len(stored_files(web, odd)) == 1
+    query = 'mailbox:"%s"' % odd.replace("\\", "\\\\").replace('"', '\\"')    # as the page builds it
+    data = get_json(web, "/api/v1/search?query=" + urllib.parse.quote(query))
+    assert [message["Subject"] for message in data["messages"]] == ["odd"]
+    assert http_call(web, "DELETE", "/api/v1/search?query=" + urllib.parse.quote(query))[0] == 200
+    assert stored_files(web, odd) == [] and len(stored_files(web, "user@example.test")) == 1
+    page = http_call(web, "GET", "/")[2].decode()
+    assert 'state.box.replace(/[\\\\"]/g, "\\\\$&")' in page
+
+
+
+def test_http_raw_download_name_is_quoted(web):
+    box = os.path.join(web.maildir.root, "user@example.test")
+    for sub in ("tmp", "new", "cur"):
+        os.makedirs(os.path.join(box, sub))
+    name = '1700000000.M1P1Q1.a"; x=y'
+    with open(os.path.join(box, "new", name), "wb") as file:
+        file.write(b"Subject: odd name\n\nx\n")
+    status, headers, body = http_call(web, "GET", "/api/v1/message/%s/raw?dl=1" % urllib.parse.quote(name))
+    assert status == 200 and body == b"Subject: odd name\n\nx\n"
+    assert headers["Content-Disposition"] == 'attachment; filename="%s.eml"' % urllib.parse.quote(name)
+
+
+
+def test_http_unicode_digits_are_not_numbers(web):
+    send_message(web, b"Subject: keep\r\n\r\nx\r\n")
+    data = get_json(web, "/api/v1/messages?start=%C2%B2&limit=%D9%A3")     # superscript 2, Arabic 3
+    assert data["start"] == 0 and data["count"] == 1        # anything but ASCII digits: the default
+    with socket.create_connection(("127.0.0.1", web.http_port), timeout=5) as client:
+        client.sendall(b"DELETE /api/v1/messages HTTP/1.1\r\nHost: localhost\r\nContent-Length: \xb2\r\n\r\n")
+        reply = client.recv(65536)
+    assert reply.split()[1] == b"400", reply[:200]
+    assert len(stored_files(web, "user@example.test")) == 1
+
+
+
+def test_http_log_shows_status_numbers(web, caplog):
+    with caplog.at_level(logging.INFO, logger="minimail"):
+        with socket.create_connection(("127.0.0.1", web.http_port), timeout=5) as client:
+            client.sendall(b"PATCH /api/v1/messages HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            assert client.recv(65536).split()[1] == b"501"
+        assert wait_for(lambda: any(record.getMessage().endswith(" PATCH /api/v1/messages 501")
+                                    for record in caplog.records), timeout=5)
+    assert not any("HTTPStatus" in record.getMessage() for record in caplog.records)
 
 
 # --- POP3 -----------------------------------------------------------------------------
