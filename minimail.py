@@ -3540,6 +3540,7 @@ class POP3Handler(LineHandler):
 HTTP_SNIPPET_CHARS = 250            # Mailpit's summary snippet length
 HTTP_SEARCH_TEXT_CHARS = 16384      # body text kept per message for plain-word search
 HTTP_PARSE_LIMIT = 64 * 1024 * 1024     # bytes of one message file the web page reads
+HTTP_HEADERS_LIMIT = 1024 * 1024    # bytes read for a message's header block alone
 HTTP_EVENT_LOG = 1000               # recent new/delete events kept for event streams
 HTTP_RECENT_DIR_S = 2.0             # a folder changed this recently is listed again (mtime ticks)
 HTTP_SCAN_BATCH_S = 0.1             # waiters woken by a delivery scan at most this often,
@@ -3789,11 +3790,11 @@ class MessageIndex:
             log.debug("traceback", exc_info=True)
 
     # Reading and changing messages.
-    def read(self, entry: MailEntry) -> Optional[tuple]:
-        """(StoredMessage, bytes) of the first copy still on disk, or None."""
+    def read(self, entry: MailEntry, limit: int = HTTP_PARSE_LIMIT) -> Optional[tuple]:
+        """(StoredMessage, its first limit bytes) of the first copy still on disk, or None."""
         def read_file(current):
             with open(current.path, "rb") as file:
-                return current, file.read(HTTP_PARSE_LIMIT)
+                return current, file.read(limit)
         for copy in entry.copies:
             found = self.maildir.follow(copy, read_file)
             if found is not None:
@@ -4591,8 +4592,13 @@ class WebRequests:
 
     def web_headers(self, message_id: str) -> None:
         """Every header as {"Name": [values]}, names in Go's canonical form, sorted."""
+        import email.parser
+        loaded = self.index.read(self.entry(message_id), HTTP_HEADERS_LIMIT)    # no body parsed
+        if loaded is None:
+            raise _http_error(404, "404 page not found\n")
+        parsed = email.parser.BytesHeaderParser(policy=_raw_policy()).parsebytes(loaded[1])
         headers = {}
-        for name, value in self.load(message_id)[1]["Headers"]:
+        for name, value in parsed.items():
             headers.setdefault(_canonical_header(name), []).append(_clean_text(_unfold(value)))
         self.send_json(dict(sorted(headers.items())))
 

@@ -2542,6 +2542,13 @@ def test_http_headers_endpoint(web):
     assert headers["Delivered-To"] == ["user@example.test"] and headers["Return-Path"] == ["<a@sender.test>"]
 
 
+def test_http_headers_endpoint_stops_at_the_blank_line(web):
+    message_id = send_message(web, b"Subject: h\r\nContent-Type: multipart/mixed; boundary=b\r\n\r\n"
+                                   b"X-Body: no\r\n--b\r\nX-Part: no\r\n\r\npart\r\n--b--\r\n")
+    headers = get_json(web, "/api/v1/message/%s/headers" % message_id)
+    assert "X-Body" not in headers and "X-Part" not in headers and headers["Subject"] == ["h"]
+
+
 def test_http_raw_is_the_stored_file(web):
     message_id = send_message(web, b"Subject: raw\r\n\r\nline\r\n")
     with open(os.path.join(web.maildir.root, "user@example.test", stored_files(web, "user@example.test")[0]), "rb") as file:
