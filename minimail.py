@@ -3808,7 +3808,7 @@ class MessageIndex:
             loaded = self.read(entry)
             if loaded is None:
                 return None
-            fields = summary_fields(parse_message_safely(entry.id, loaded[1]))
+            fields = summary_fields(parse_message_safely(entry.id, loaded[1], checksums=False))
             self.summaries[entry.id] = fields
         return fields
 
@@ -3992,14 +3992,14 @@ def _part_content(part) -> bytes:
     return payload if isinstance(payload, bytes) else b""
 
 
-def parse_message(data: bytes) -> dict:
+def parse_message(data: bytes, checksums: bool = True) -> dict:
     """Parse a stored message into Mailpit's Message fields, plus its leaf parts by PartID.
 
     Malformed MIME never raises: the email package records defects and carries on, and
-    every decoding step falls back to replacement characters.
+    every decoding step falls back to replacement characters. Without checksums (list
+    summaries), attachments are only counted and sized.
     """
     import email
-    import hashlib      # attachment checksums; loads OpenSSL, so only the web view pays
     message = email.message_from_bytes(data, policy=_raw_policy())
     header = message.get
     fields = {
@@ -4038,10 +4038,12 @@ def parse_message(data: bytes) -> dict:
                 continue
         content_id = _unfold(part.get("Content-ID", "")).strip("<>")
         described = {"PartID": part_id, "FileName": filename, "ContentType": content_type,
-                     "ContentID": _clean_text(content_id), "Size": len(content),
-                     "Checksums": {"MD5": hashlib.md5(content).hexdigest(),
-                                   "SHA1": hashlib.sha1(content).hexdigest(),
-                                   "SHA256": hashlib.sha256(content).hexdigest()}}
+                     "ContentID": _clean_text(content_id), "Size": len(content)}
+        if checksums:
+            import hashlib      # loads OpenSSL: only a message being viewed pays
+            described["Checksums"] = {"MD5": hashlib.md5(content).hexdigest(),
+                                      "SHA1": hashlib.sha1(content).hexdigest(),
+                                      "SHA256": hashlib.sha256(content).hexdigest()}
         if disposition != "attachment" and (disposition == "inline" or (related and content_id)):
             inline.append(described)
         else:
@@ -4051,11 +4053,11 @@ def parse_message(data: bytes) -> dict:
     return fields
 
 
-def parse_message_safely(message_id: str, data: bytes) -> dict:
+def parse_message_safely(message_id: str, data: bytes, checksums: bool = True) -> dict:
     """parse_message, or a placeholder of the right size for a message the email package
     cannot take (deep nesting, odd charsets): logged, never a 500."""
     try:
-        return parse_message(data)
+        return parse_message(data, checksums)
     except (LookupError, ValueError, TypeError, AttributeError, IndexError, RecursionError) as exc:
         log.error("http cannot parse message %s: %s", message_id, exc.__class__.__name__)
         log.debug("traceback", exc_info=True)
