@@ -632,21 +632,11 @@ class Maildir:
         while listing are left out.
 
         While neither new/ nor cur/ has changed since an earlier call, that call's list is
-        returned without listing or stat()ing any file: Maildir files are never rewritten,
-        so a delivery, move or removal always changes its folder's mtime. A folder changed
-        less than FOLDER_MTIME_TRUST ago is not trusted so (timestamps may be coarse).
+        returned without listing or stat()ing any file (see folder_signature).
         """
-        now_ns = time.time_ns()
-        folders = []
-        for folder in ("new", "cur"):
-            try:
-                status = os.stat(os.path.join(self.root, mailbox, folder))
-                folders.append((status.st_ino, status.st_mtime_ns))
-            except FileNotFoundError:
-                folders.append(None)
-        signature = tuple(folders)
+        signature = self.folder_signature(mailbox)
         cached = self.listings.get(mailbox)
-        if cached is not None and cached[0] == signature:
+        if cached is not None and signature is not None and cached[0] == signature:
             return cached[1]
         listing = []
         for message in self.messages(mailbox):
@@ -657,10 +647,29 @@ class Maildir:
             except OSError as exc:  # not a readable file: leave it out, list the rest
                 log.warning("skipping %s: %s", message.path, exc.strerror or exc)
         listing = tuple(listing)    # shared by the sessions that reuse it
-        settled_ns = now_ns - int(FOLDER_MTIME_TRUST * 1e9)
-        if all(folder is None or folder[1] < settled_ns for folder in folders):
+        if signature is not None:
             self.listings.put(mailbox, (signature, listing), max(1, len(listing)))
         return listing
+
+    def folder_signature(self, mailbox: str) -> Optional[tuple]:
+        """The (inode, mtime) of new/ and cur/: while it stays the same, so does the listing.
+
+        Maildir files are never rewritten, so a delivery, move or removal always changes
+        its folder's mtime. None while a folder changed less than FOLDER_MTIME_TRUST ago:
+        timestamps may be coarse, so such a listing must not be trusted later.
+        """
+        settled_ns = time.time_ns() - int(FOLDER_MTIME_TRUST * 1e9)
+        folders = []
+        for folder in ("new", "cur"):
+            try:
+                status = os.stat(os.path.join(self.root, mailbox, folder))
+            except FileNotFoundError:
+                folders.append(None)
+                continue
+            if status.st_mtime_ns >= settled_ns:
+                return None
+            folders.append((status.st_ino, status.st_mtime_ns))
+        return tuple(folders)
 
     def find(self, mailbox: str, message_id: str) -> Optional[StoredMessage]:
         """The current file of a message by ID, wherever it moved between new/ and cur/."""
@@ -3542,7 +3551,6 @@ HTTP_SEARCH_TEXT_CHARS = 16384      # body text kept per message for plain-word 
 HTTP_PARSE_LIMIT = 64 * 1024 * 1024     # bytes of one message file the web page reads
 HTTP_HEADERS_LIMIT = 1024 * 1024    # bytes read for a message's header block alone
 HTTP_EVENT_LOG = 1000               # recent new/delete events kept for event streams
-HTTP_RECENT_DIR_S = 2.0             # a folder changed this recently is listed again (mtime ticks)
 HTTP_SCAN_BATCH_S = 0.1             # waiters woken by a delivery scan at most this often,
 HTTP_SCAN_SHARE = 0.25              # and spend at most about this share of the time scanning,
 HTTP_SCAN_BATCH_MAX_S = 1.0         # but never wait longer than this to pass a delivery on
@@ -3603,7 +3611,7 @@ class MessageIndex:
         self.maildir = maildir
         self.scan_interval_s = scan_interval_s
         self.lock = threading.Lock()            # one scan at a time; guards the fields below
-        self.folders = {}           # mailbox -> ((new mtime, cur mtime), [StoredMessage])
+        self.folders = {}           # mailbox -> (Maildir.folder_signature, [StoredMessage])
         self.entries = []           # MailEntry, newest first
         self.by_id = {}
         self.summaries = {}         # message ID -> parsed summary fields (parsed once)
@@ -3639,11 +3647,10 @@ class MessageIndex:
                 changed = True
             for mailbox in set(self.broken) - set(mailboxes):
                 del self.broken[mailbox]
-            now = time.time()
             for mailbox in mailboxes:
                 cached = self.folders.get(mailbox)
                 try:
-                    stamps = self._folder_stamps(mailbox, now)
+                    stamps = self.maildir.folder_signature(mailbox)
                     if cached is not None and stamps is not None and cached[0] == stamps:
                         continue
                     messages = self.maildir.messages(mailbox)
@@ -3671,19 +3678,6 @@ class MessageIndex:
         if self.broken.get(mailbox) != problem:
             self.broken[mailbox] = problem
             log.warning("http cannot list mailbox %s: %s", mailbox, problem)
-
-    def _folder_stamps(self, mailbox: str, now: float) -> Optional[tuple]:
-        """The mtimes of new/ and cur/, or None when one is too recent to trust."""
-        stamps = []
-        for folder in ("new", "cur"):
-            try:
-                mtime = os.stat(os.path.join(self.maildir.path(mailbox), folder)).st_mtime
-            except FileNotFoundError:
-                mtime = -1.0
-            if now - mtime < HTTP_RECENT_DIR_S:
-                return None
-            stamps.append(mtime)
-        return tuple(stamps)
 
     def _rebuild(self) -> bool:
         """Group the listed files by ID, sort newest first and log what came and went;
