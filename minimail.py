@@ -229,10 +229,15 @@ class Config:
         return _address_in(host, self.relay_networks)
 
 
+def parse_ip(text: str):
+    """An IP address, ignoring an IPv6 zone (%eth0); ValueError if text is none."""
+    return ipaddress.ip_address(text.split("%", 1)[0])
+
+
 @lru_cache(maxsize=1024)      # asked once per connection, mostly about the same few peers
 def _address_in(host: str, networks: tuple) -> bool:
     try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
+        address = parse_ip(host)
     except ValueError:
         return False
     return any(address.version == net.version and address in net for net in networks)
@@ -265,7 +270,7 @@ def parse_nameserver(text: str) -> tuple[str, int]:
             host = text[1:-1]
         elif text.startswith("[") or text.count(":") == 1:
             host, port = parse_addr(text)
-        ipaddress.ip_address(host.split("%", 1)[0])
+        parse_ip(host)
         if port == 0:
             raise ValueError("port 0")
     except ValueError:
@@ -1262,7 +1267,7 @@ def read_resolv_conf(path: str) -> tuple:
         words = line.split()
         if len(words) >= 2 and words[0] == "nameserver" and len(servers) < RESOLV_MAX_NAMESERVERS:
             try:
-                ipaddress.ip_address(words[1].split("%", 1)[0])
+                parse_ip(words[1])
             except ValueError:
                 continue
             servers.append((words[1], DNS_PORT))
